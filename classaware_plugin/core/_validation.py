@@ -1,0 +1,90 @@
+"""Parameter checks shared by every public entry point.
+
+Errors read like scikit-learn's: they name the parameter, what is allowed and what was received,
+and they are raised before any work is done.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+
+class ClassAwareError(ValueError):
+    """Base class of the errors this package raises for bad input."""
+
+
+def _fmt(value: Any) -> str:
+    return repr(value)
+
+
+def check_int_list(name: str, values: Any, *, low: int, high: int | None, min_len: int = 1) -> list[int]:
+    """Validate a list of distinct integers in ``[low, high)`` and return it as a list."""
+    if isinstance(values, (int,)) and not isinstance(values, bool):
+        values = [values]
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise ClassAwareError(f"The '{name}' parameter must be a list of integers. Got {_fmt(values)} instead.")
+    out = list(values)
+    if len(out) < min_len:
+        raise ClassAwareError(f"The '{name}' parameter must hold at least {min_len} value(s). Got {_fmt(out)} instead.")
+    for v in out:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ClassAwareError(f"The '{name}' parameter must hold integers. Got {_fmt(v)} in {_fmt(out)}.")
+        upper = "inf" if high is None else str(high)
+        if v < low or (high is not None and v >= high):
+            raise ClassAwareError(
+                f"The '{name}' parameter must hold integers in the range [{low}, {upper}). Got {v} in {_fmt(out)}."
+            )
+    if len(set(out)) != len(out):
+        raise ClassAwareError(f"The '{name}' parameter must not repeat a value. Got {_fmt(out)} instead.")
+    return [int(v) for v in out]
+
+
+def check_important_classes(values: Any, num_classes: int | None) -> list[int]:
+    """Validate ``important_classes`` against the number of classes (when known)."""
+    return check_int_list("important_classes", values, low=0, high=num_classes)
+
+
+def check_number(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    integer: bool = False,
+) -> float:
+    """Validate a finite number in a (possibly open) interval and return it."""
+    kind = "an integer" if integer else "a number"
+    lo = "(" if low_open else "["
+    hi = ")" if high_open else "]"
+    rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type:
+        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+    if not math.isfinite(float(value)):
+        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+    bad_low = low is not None and (value <= low if low_open else value < low)
+    bad_high = high is not None and (value >= high if high_open else value > high)
+    if bad_low or bad_high:
+        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+    return value
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """Validate that ``value`` is one of ``choices``."""
+    if value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ClassAwareError(f"The '{name}' parameter must be one of {allowed}. Got {_fmt(value)} instead.")
+    return value
+
+
+def check_non_empty_loader(name: str, loader: Any) -> None:
+    """Reject a loader with no batches (``len`` is used when the loader has one)."""
+    try:
+        n = len(loader)
+    except TypeError:
+        return
+    if n == 0:
+        raise ClassAwareError(f"The '{name}' parameter must yield at least one batch. Got an empty loader.")

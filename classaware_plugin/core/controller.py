@@ -1,0 +1,328 @@
+"""The FN-constrained stopping rule (METHOD.md part B) as a loop over any pruning backend.
+
+Step n: snapshot -> prune a fraction of what remains -> fine-tune -> evaluate on validation ->
+accept if compliant, else restore the snapshot exactly and retry with half the step (a bounded number
+of times) or stop. The state it leaves in the backend is compliant on the validation split, always.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from ._validation import ClassAwareError, check_choice, check_important_classes, check_number
+from .metrics import Evaluation
+
+log = logging.getLogger(__name__)
+
+DECISIONS = ("accept", "retry", "stop", "rollback")
+"""accept: compliant, kept. retry: non-compliant, restored, a smaller step follows. stop: non-compliant,
+restored, no smaller step is allowed, the run ends. rollback: the attempt failed (e.g. a non-finite
+loss), restored, and the error is raised."""
+
+STOP_REASONS = ("target_reached", "no_compliant_step", "step_budget", "nothing_left")
+NOTHING_LEFT = "the backend has nothing left to prune"
+
+
+class NonFiniteLossError(RuntimeError):
+    """Fine-tuning produced a NaN or infinite loss."""
+
+
+class NothingToPrune(RuntimeError):
+    """Raised by a backend's ``prune`` when no further unit can be removed."""
+
+
+@dataclass(frozen=True)
+class FNConstraint:
+    """FN_c(pruned) <= FN_c(dense) + max(abs_tol, ceil(rel_tol * FN_c(dense))) for every important class c,
+    and (unless ``max_accuracy_drop`` is None) accuracy(dense) - accuracy(pruned) <= max_accuracy_drop.
+
+    The accuracy guard is on by default: an FN bound alone is met by predicting the important class
+    everywhere.
+
+    Example:
+        >>> FNConstraint([3], abs_tol=1, rel_tol=0.1).budget({3: 25})
+        {3: 28}
+    """
+
+    important_classes: Sequence[int]
+    abs_tol: int = 0
+    rel_tol: float = 0.0
+    max_accuracy_drop: float | None = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "important_classes", check_important_classes(self.important_classes, None))
+        check_number("abs_tol", self.abs_tol, low=0, integer=True)
+        check_number("rel_tol", self.rel_tol, low=0.0)
+        if self.max_accuracy_drop is not None:
+            check_number("max_accuracy_drop", self.max_accuracy_drop, low=0.0, high=1.0)
+
+    def budget(self, dense_fn: dict[int, int]) -> dict[int, int]:
+        """The largest FN allowed per important class."""
+        return {
+            c: int(dense_fn[c]) + max(int(self.abs_tol), math.ceil(self.rel_tol * int(dense_fn[c])))
+            for c in self.important_classes
+        }
+
+    def violations(self, dense: Evaluation, current: Evaluation) -> list[str]:
+        """Why ``current`` is not compliant (empty list: compliant)."""
+        out = []
+        for c, limit in self.budget(dense.fn).items():
+            if current.fn[c] > limit:
+                out.append(f"FN of class {c} is {current.fn[c]} > budget {limit}")
+        if self.max_accuracy_drop is not None:
+            drop = dense.accuracy - current.accuracy
+            if drop > self.max_accuracy_drop + 1e-12:
+                out.append(f"accuracy fell by {drop:.4f} > {self.max_accuracy_drop}")
+        return out
+
+    def check_evaluable(self, dense: Evaluation) -> None:
+        """An important class without validation samples has no defined FN: refuse before any work."""
+        for c in self.important_classes:
+            if c not in dense.support:
+                raise ClassAwareError(
+                    f"Important class {c} is out of range for a model with {len(dense.support)} outputs."
+                )
+            if dense.support[c] == 0:
+                raise ClassAwareError(
+                    f"Important class {c} has no sample in the validation split, so its false negatives are "
+                    "undefined. Use a larger validation split or a stratified one."
+                )
+
+
+@runtime_checkable
+class PruningBackend(Protocol):
+    """What the controller drives. ``measure()`` returns at least the key the target refers to."""
+
+    def prune(self, fraction: float) -> None: ...
+    def finetune(self) -> None: ...
+    def evaluate(self) -> Evaluation: ...
+    def snapshot(self) -> Any: ...
+    def restore(self, state: Any) -> None: ...
+    def measure(self) -> dict[str, float]: ...
+
+
+@dataclass
+class StepRecord:
+    """One attempt of the loop."""
+
+    step: int
+    attempt: int
+    fraction: float
+    decision: str
+    compliant: bool
+    violations: list[str]
+    measure: dict[str, float]
+    fn: dict[int, int]
+    fp: dict[int, int]
+    accuracy: float
+    auc: dict[int, float]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["fn"] = {str(k): v for k, v in self.fn.items()}
+        d["fp"] = {str(k): v for k, v in self.fp.items()}
+        d["auc"] = {str(k): (None if v != v else v) for k, v in self.auc.items()}
+        d.update(self.measure)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> StepRecord:
+        names = {f for f in cls.__dataclass_fields__}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["fn"] = {int(k): v for k, v in d["fn"].items()}
+        kw["fp"] = {int(k): v for k, v in d["fp"].items()}
+        kw["auc"] = {int(k): (float("nan") if v is None else v) for k, v in d["auc"].items()}
+        return cls(**kw)
+
+
+@dataclass
+class ControllerResult:
+    stop_reason: str
+    history: list[StepRecord]
+    dense: Evaluation
+    final: Evaluation
+    budget: dict[int, int]
+    measure: dict[str, float] = field(default_factory=dict)
+
+
+class FNConstrainedPruning:
+    """Iterative pruning under an :class:`FNConstraint`.
+
+    Args:
+        backend: a :class:`PruningBackend`.
+        constraint: the FN budget and accuracy guard.
+        target: value of ``measure()[target_key]`` at which to stop (e.g. 2.0 for a 2x MACs reduction).
+        target_key: which measure the target refers to (``'macs_reduction'``, ``'sparsity'``, ...).
+        step: fraction of what remains removed by the first step, in (0, 1).
+        max_halvings: how many times a rejected step is halved and retried before stopping.
+        max_steps: budget of attempts (accepted or not).
+        on_record: called with each :class:`StepRecord` after its decision (checkpointing, logging).
+
+    Example:
+        >>> loop = FNConstrainedPruning(backend, FNConstraint([3]), target=2.0)   # doctest: +SKIP
+        >>> result = loop.run()                                                  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        backend: PruningBackend,
+        constraint: FNConstraint,
+        target: float,
+        target_key: str = "macs_reduction",
+        step: float = 0.2,
+        max_halvings: int = 3,
+        max_steps: int = 50,
+        on_record: Callable[[StepRecord, FNConstrainedPruning], None] | None = None,
+    ) -> None:
+        for name in ("prune", "finetune", "evaluate", "snapshot", "restore", "measure"):
+            if not callable(getattr(backend, name, None)):
+                raise ClassAwareError(f"The 'backend' parameter must implement {name}(). Got {type(backend).__name__}.")
+        if not isinstance(constraint, FNConstraint):
+            raise ClassAwareError(f"The 'constraint' parameter must be an FNConstraint. Got {type(constraint).__name__}.")
+        check_number("target", target, low=0.0, low_open=True)
+        check_number("step", step, low=0.0, high=1.0, low_open=True, high_open=True)
+        check_number("max_halvings", max_halvings, low=0, integer=True)
+        check_number("max_steps", max_steps, low=1, integer=True)
+        self.backend = backend
+        self.constraint = constraint
+        self.target = float(target)
+        self.target_key = target_key
+        self.initial_step = float(step)
+        self.max_halvings = int(max_halvings)
+        self.max_steps = int(max_steps)
+        self.on_record = on_record
+        self.reset()
+
+    # ----------------------------------------------------------------- state
+    def reset(self) -> None:
+        self.history: list[StepRecord] = []
+        self.step_size = self.initial_step
+        self.halvings = 0
+        self.accepted = 0
+        self.dense_: Evaluation | None = None
+        self.current_: Evaluation | None = None
+        self.stop_reason_: str | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What resuming needs besides the backend's own state (the last compliant model)."""
+        return {
+            "history": [r.to_dict() for r in self.history],
+            "step_size": self.step_size,
+            "halvings": self.halvings,
+            "accepted": self.accepted,
+            "stop_reason": self.stop_reason_,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.history = [StepRecord.from_dict(d) for d in state["history"]]
+        self.step_size = float(state["step_size"])
+        self.halvings = int(state["halvings"])
+        self.accepted = int(state["accepted"])
+        self.stop_reason_ = state["stop_reason"]
+
+    # ----------------------------------------------------------------- loop
+    def _reached(self, measure: dict[str, float]) -> bool:
+        if self.target_key not in measure:
+            raise ClassAwareError(
+                f"The backend's measure() has no {self.target_key!r}; it has {sorted(measure)}."
+            )
+        return measure[self.target_key] >= self.target - 1e-9
+
+    def _record(
+        self, decision: str, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float]
+    ) -> StepRecord:
+        rec = StepRecord(
+            step=self.accepted + (0 if decision == "accept" else 1),
+            attempt=len(self.history) + 1,
+            fraction=fraction,
+            decision=decision,
+            compliant=not violations,
+            violations=violations,
+            measure=dict(measure),
+            fn={c: ev.fn[c] for c in ev.fn},
+            fp={c: ev.fp[c] for c in ev.fp},
+            accuracy=ev.accuracy,
+            auc=dict(ev.auc),
+        )
+        self.history.append(rec)
+        log.info(
+            "attempt %d (step %.4f): %s; %s; FN %s; acc %.4f",
+            rec.attempt, fraction, decision, ", ".join(violations) or "compliant",
+            {c: rec.fn[c] for c in self.constraint.important_classes}, rec.accuracy,
+        )
+        if self.on_record is not None:
+            self.on_record(rec, self)
+        return rec
+
+    def run(self, dense: Evaluation | None = None) -> ControllerResult:
+        """Run until the target, no compliant smaller step, or the step budget; return the result.
+
+        ``dense`` lets a resumed run pass the dense model's validation evaluation instead of measuring
+        the (already pruned) backend again.
+        """
+        self.dense_ = dense if dense is not None else self.backend.evaluate()
+        self.constraint.check_evaluable(self.dense_)
+        budget = self.constraint.budget(self.dense_.fn)
+        if not self.history:
+            self.current_ = self.dense_
+        while self.stop_reason_ is None:
+            self.stop_reason_ = self._next_stop()
+            if self.stop_reason_ is not None:
+                break
+            self._attempt()
+        final = self.current_ if self.current_ is not None else self.backend.evaluate()
+        log.info("stopped: %s after %d attempts", self.stop_reason_, len(self.history))
+        return ControllerResult(self.stop_reason_, self.history, self.dense_, final, budget, self.backend.measure())
+
+    def _next_stop(self) -> str | None:
+        measure = self.backend.measure()
+        if self._reached(measure):
+            return "target_reached"
+        if self.history and self.history[-1].decision == "stop":
+            return "nothing_left" if self.history[-1].violations == [NOTHING_LEFT] else "no_compliant_step"
+        if len(self.history) >= self.max_steps:
+            return "step_budget"
+        return None
+
+    def _attempt(self) -> None:
+        fraction = self.step_size
+        max_step = getattr(self.backend, "max_fraction", None)
+        if callable(max_step):
+            fraction = min(fraction, max_step(self.target_key, self.target))
+        # Step 1: remember the last compliant state.
+        state = self.backend.snapshot()
+        last = self.current_ if self.current_ is not None else self.backend.evaluate()
+        try:
+            # Step 2: prune, fine-tune, evaluate on validation.
+            self.backend.prune(fraction)
+            self.backend.finetune()
+            ev = self.backend.evaluate()
+            measure = self.backend.measure()
+        except NothingToPrune:
+            self.backend.restore(state)
+            self._record("stop", last, fraction, [NOTHING_LEFT], self.backend.measure())
+            return
+        except BaseException:
+            # A fault (non-finite loss, Ctrl-C, ...): restore the last compliant state, let the error through.
+            self.backend.restore(state)
+            self._record("rollback", last, fraction, ["the attempt raised an error"], self.backend.measure())
+            raise
+        violations = self.constraint.violations(self.dense_, ev)  # type: ignore[arg-type]
+        if not violations:
+            self.accepted += 1
+            self.halvings = 0
+            self.current_ = ev
+            self._record("accept", ev, fraction, [], measure)
+            return
+        # Step 3: non-compliant -> restore exactly, then retry with half the step or stop.
+        self.backend.restore(state)
+        self.current_ = last
+        if self.halvings < self.max_halvings:
+            self.halvings += 1
+            self.step_size = fraction / 2.0
+            self._record("retry", ev, fraction, violations, measure)
+        else:
+            self._record("stop", ev, fraction, violations, measure)

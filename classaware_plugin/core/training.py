@@ -1,0 +1,87 @@
+"""A small, honest training loop: fresh optimiser every call (structural pruning replaces parameters),
+masks re-applied after each step, NaN/inf loss stops with :class:`NonFiniteLossError`."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from ._validation import check_choice, check_non_empty_loader, check_number
+from .controller import NonFiniteLossError
+from .lottery import MaskSet
+from .progress import progress_bar
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
+    check_choice("optimizer", name, OPTIMIZERS)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+
+
+def train(
+    model: nn.Module,
+    loader: Iterable[Any],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    epochs: float = 1.0,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    masks: MaskSet | None = None,
+    progress: bool = True,
+    desc: str = "training",
+) -> list[float]:
+    """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
+
+    Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
+    """
+    check_non_empty_loader("loader", loader)
+    check_number("epochs", epochs, low=0.0)
+    check_number("lr", lr, low=0.0, low_open=True)
+    opt = make_optimizer(model, optimizer, lr, weight_decay)
+    if masks is not None:
+        masks.apply()
+        masks.attach(opt)
+    device = next(model.parameters()).device
+    n_batches = len(loader)  # type: ignore[arg-type]
+    total = max(1, int(round(epochs * n_batches))) if epochs > 0 else 0
+    losses: list[float] = []
+    model.train()
+    done = 0
+    try:
+        bar = progress_bar(range(total), desc=desc, total=total, disable=not progress)
+        it = iter(())
+        running, seen = 0.0, 0
+        for _ in bar:
+            try:
+                x, y = next(it)
+            except StopIteration:
+                if seen:
+                    losses.append(running / seen)
+                running, seen = 0.0, 0
+                it = iter(loader)
+                x, y = next(it)
+            x, y = x.to(device), y.to(device)
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(model(x), y)
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise NonFiniteLossError(f"The training loss became {value} at step {done + 1} of {total}.")
+            loss.backward()
+            opt.step()
+            running += value
+            seen += 1
+            done += 1
+        if seen:
+            losses.append(running / seen)
+    finally:
+        if masks is not None:
+            masks.detach_all()
+        model.eval()
+    return losses

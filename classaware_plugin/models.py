@@ -1,0 +1,158 @@
+"""Small models that train in minutes on a CPU, built by name.
+
+``cifar_resnet`` (a CIFAR-style ResNet: 3x3 stem, three stages, 1x1 projection shortcuts),
+``resnet18`` and ``mobilenet_v2`` from torchvision adapted to small inputs (stride-1 stem, no max-pool),
+and ``mlp`` for tabular data. A model can also be named ``package.module:callable``.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core._validation import ClassAwareError, check_number
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet-(6n+2) of He et al. for small images; ``width`` is the first stage's channels."""
+
+    def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 20, width: int = 16) -> None:
+        super().__init__()
+        if (depth - 2) % 6 != 0:
+            raise ClassAwareError(f"The 'depth' parameter must be 6n+2 (8, 14, 20, 32, 56, ...). Got {depth}.")
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(in_channels, width, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        layers: list[nn.Module] = []
+        cin = width
+        for stage, mult in enumerate((1, 2, 4)):
+            for i in range(n):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(cin, width * mult, stride))
+                cin = width * mult
+        self.layers = nn.Sequential(*layers)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = self.layers(x)
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+def cifar_resnet(num_classes: int, in_channels: int = 3, depth: int = 8, width: int = 16, **_: Any) -> nn.Module:
+    return CifarResNet(num_classes, in_channels, depth, width)
+
+
+def resnet18(num_classes: int, in_channels: int = 3, **_: Any) -> nn.Module:
+    """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 8-64 px inputs)."""
+    from torchvision.models import resnet18 as tv_resnet18
+
+    m = tv_resnet18(num_classes=num_classes)
+    m.conv1 = nn.Conv2d(in_channels, 64, 3, 1, 1, bias=False)
+    m.maxpool = nn.Identity()
+    return m
+
+
+def mobilenet_v2(num_classes: int, in_channels: int = 3, width_mult: float = 0.5, **_: Any) -> nn.Module:
+    """torchvision MobileNetV2 with a stride-1 stem (for small inputs)."""
+    from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
+
+    m = tv_mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+    first = m.features[0][0]
+    m.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1, 1, bias=False)
+    return m
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 32)) -> None:
+        super().__init__()
+        dims = [in_features, *hidden]
+        layers: list[nn.Module] = []
+        for a, b in zip(dims[:-1], dims[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.body = nn.Sequential(*layers)
+        self.fc = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.body(torch.flatten(x, 1)))
+
+
+def mlp(num_classes: int, in_features: int, hidden: Sequence[int] = (64, 32), **_: Any) -> nn.Module:
+    return MLP(in_features, num_classes, hidden)
+
+
+MODELS: dict[str, Callable[..., nn.Module]] = {
+    "cifar_resnet": cifar_resnet,
+    "resnet18": resnet18,
+    "mobilenet_v2": mobilenet_v2,
+    "mlp": mlp,
+}
+
+
+def build_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
+    """Build a model by built-in name or ``package.module:callable`` for data of ``input_shape``.
+
+    Image models take ``in_channels = input_shape[0]``; ``mlp`` takes the product of ``input_shape``.
+    """
+    check_number("num_classes", num_classes, low=2, integer=True)
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        try:
+            fn = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ClassAwareError(f"Cannot import model {name!r}: {e}") from e
+        model = fn(num_classes=num_classes, **kwargs)
+    elif name in MODELS:
+        if name == "mlp":
+            in_features = 1
+            for d in input_shape:
+                in_features *= int(d)
+            model = mlp(num_classes, in_features, **kwargs)
+        else:
+            model = MODELS[name](num_classes, in_channels=int(input_shape[0]), **kwargs)
+    else:
+        allowed = ", ".join(repr(k) for k in sorted(MODELS))
+        raise ClassAwareError(
+            f"The 'model' parameter must be one of {allowed} or 'package.module:callable'. Got {name!r} instead."
+        )
+    check_output_width(model, num_classes, input_shape)
+    return model
+
+
+@torch.no_grad()
+def check_output_width(model: nn.Module, num_classes: int, input_shape: Sequence[int]) -> None:
+    """Raise when ``model``'s output is not ``(batch, num_classes)`` for inputs of ``input_shape``."""
+    was = model.training
+    model.eval()
+    try:
+        out = model(torch.zeros(2, *input_shape, device=next(model.parameters()).device))
+    finally:
+        model.train(was)
+    if out.ndim != 2 or out.shape[1] != num_classes:
+        raise ClassAwareError(
+            f"The model's output has shape {tuple(out.shape)} but the data has {num_classes} classes; "
+            f"the output must be (batch, {num_classes})."
+        )

@@ -1,0 +1,209 @@
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from classaware_plugin.core import (
+    ClassAwareError,
+    Evaluation,
+    FNConstrainedPruning,
+    FNConstraint,
+    NonFiniteLossError,
+    NothingToPrune,
+)
+
+
+def make_eval(fn: int, accuracy: float = 0.9, support: int = 50) -> Evaluation:
+    cm = np.zeros((2, 2), dtype=int)
+    return Evaluation(
+        num_samples=100, accuracy=accuracy, fn={0: 0, 1: fn}, fp={0: fn, 1: 0}, recall={0: 1.0, 1: 1 - fn / 50},
+        support={0: 50, 1: support}, auc={1: 0.9}, ap={1: 0.9}, confusion=cm, important_classes=[1],
+    )
+
+
+class ScriptedBackend:
+    """A backend whose 'model' is a tensor; each prune step scribbles on it; outcomes are scripted."""
+
+    def __init__(self, outcomes, dense_fn=10, dense_acc=0.9, fail_at=None):
+        self.weights = torch.randn(32, generator=torch.Generator().manual_seed(1))
+        self.sparsity = 0.0
+        self.outcomes = list(outcomes)
+        self.dense = make_eval(dense_fn, dense_acc)
+        self.pending = None
+        self.calls = 0
+        self.fail_at = fail_at
+        self.accepted_states = []
+
+    def prune(self, fraction):
+        self.calls += 1
+        if self.fail_at == self.calls:
+            raise NothingToPrune()
+        self.sparsity = self.sparsity + (1 - self.sparsity) * fraction
+        self.weights = self.weights * torch.rand(32) + torch.randn(32)
+
+    def finetune(self):
+        if self.fail_at == -self.calls:
+            raise NonFiniteLossError("nan")
+
+    def evaluate(self):
+        if self.calls == 0:
+            return self.dense
+        fn, acc = self.outcomes[(self.calls - 1) % len(self.outcomes)]
+        return make_eval(fn, acc)
+
+    def snapshot(self):
+        return (self.weights.clone(), self.sparsity)
+
+    def restore(self, state):
+        self.weights, self.sparsity = state[0].clone(), state[1]
+
+    def measure(self):
+        return {"sparsity": self.sparsity}
+
+
+def test_scripted_fn_sequence_stops_where_expected():
+    # dense FN 10, abs_tol 2 -> budget 12. Outcomes: ok, ok, too many FN (retry), too many (retry), too many (stop).
+    backend = ScriptedBackend([(11, 0.9), (12, 0.9), (13, 0.9), (20, 0.9), (14, 0.9)])
+    loop = FNConstrainedPruning(backend, FNConstraint([1], abs_tol=2), target=0.99, target_key="sparsity",
+                                step=0.5, max_halvings=2)
+    res = loop.run()
+    assert [r.decision for r in res.history] == ["accept", "accept", "retry", "retry", "stop"]
+    assert [r.fraction for r in res.history] == [0.5, 0.5, 0.5, 0.25, 0.125]
+    assert res.stop_reason == "no_compliant_step"
+    assert res.final.fn[1] == 12
+    assert backend.sparsity == pytest.approx(0.75)
+    assert res.budget == {1: 12}
+
+
+def test_accuracy_guard_rejects_a_trivial_fn_solution():
+    backend = ScriptedBackend([(0, 0.5)])
+    res = FNConstrainedPruning(backend, FNConstraint([1], max_accuracy_drop=0.05), target=0.9, target_key="sparsity",
+                               max_halvings=0).run()
+    assert res.history[0].decision == "stop"
+    assert "accuracy fell" in res.history[0].violations[0]
+    no_guard = ScriptedBackend([(0, 0.5)])
+    res2 = FNConstrainedPruning(no_guard, FNConstraint([1], max_accuracy_drop=None), target=0.9,
+                                target_key="sparsity", step=0.5).run()
+    assert res2.stop_reason == "target_reached"
+
+
+def test_rel_tol_budget_uses_ceil():
+    assert FNConstraint([1], abs_tol=1, rel_tol=0.25).budget({1: 10}) == {1: 13}
+    assert FNConstraint([1], abs_tol=4, rel_tol=0.25).budget({1: 10}) == {1: 14}
+
+
+def test_step_budget_and_nothing_left():
+    backend = ScriptedBackend([(10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.999, target_key="sparsity", step=0.1,
+                               max_steps=3).run()
+    assert res.stop_reason == "step_budget" and len(res.history) == 3
+    backend = ScriptedBackend([(10, 0.9)], fail_at=2)
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.999, target_key="sparsity", step=0.1).run()
+    assert res.stop_reason == "nothing_left"
+
+
+def test_non_finite_loss_restores_and_raises():
+    backend = ScriptedBackend([(10, 0.9)], fail_at=-2)
+    loop = FNConstrainedPruning(backend, FNConstraint([1]), target=0.999, target_key="sparsity", step=0.5)
+    backend_state_after_first = {}
+
+    def remember(rec, _):
+        if rec.decision == "accept":
+            backend_state_after_first["w"] = backend.weights.clone()
+
+    loop.on_record = remember
+    with pytest.raises(NonFiniteLossError):
+        loop.run()
+    assert loop.history[-1].decision == "rollback"
+    assert torch.equal(backend.weights, backend_state_after_first["w"])
+
+
+def test_important_class_without_validation_samples_is_refused():
+    backend = ScriptedBackend([(0, 0.9)])
+    backend.dense = make_eval(0, support=0)
+    with pytest.raises(ClassAwareError, match="no sample in the validation split"):
+        FNConstrainedPruning(backend, FNConstraint([1]), target=0.5, target_key="sparsity").run()
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(abs_tol=-1), "abs_tol"),
+        (dict(rel_tol=-0.1), "rel_tol"),
+        (dict(max_accuracy_drop=1.5), "max_accuracy_drop"),
+        (dict(important_classes=[1, 1]), "must not repeat"),
+    ],
+)
+def test_constraint_bad_input(kwargs, message):
+    kw = dict(important_classes=[1]) | kwargs
+    with pytest.raises(ClassAwareError, match=message):
+        FNConstraint(**kw)
+
+
+@pytest.mark.parametrize("kwargs, message", [(dict(step=1.0), "step"), (dict(target=0), "target"),
+                                             (dict(max_halvings=-1), "max_halvings"), (dict(max_steps=0), "max_steps")])
+def test_controller_bad_input(kwargs, message):
+    kw = dict(target=0.5, target_key="sparsity") | kwargs
+    with pytest.raises(ClassAwareError, match=message):
+        FNConstrainedPruning(ScriptedBackend([(0, 0.9)]), FNConstraint([1]), **kw)
+
+
+def test_state_dict_resume_reaches_the_same_history():
+    outcomes = [(11, 0.9), (13, 0.9), (12, 0.9), (15, 0.9), (10, 0.9), (16, 0.9), (17, 0.9)]
+    full = ScriptedBackend(outcomes)
+    ref = FNConstrainedPruning(full, FNConstraint([1], abs_tol=2), target=0.99, target_key="sparsity", step=0.4,
+                               max_halvings=1).run()
+    # Interrupted after 3 attempts, then resumed from the saved controller and backend state.
+    part = ScriptedBackend(outcomes)
+    saved = {}
+
+    def checkpoint(rec, loop):
+        saved["loop"] = copy.deepcopy(loop.state_dict())
+        saved["backend"] = (part.snapshot(), part.calls)
+        if len(loop.history) == 3:
+            raise KeyboardInterrupt
+
+    loop = FNConstrainedPruning(part, FNConstraint([1], abs_tol=2), target=0.99, target_key="sparsity", step=0.4,
+                                max_halvings=1, on_record=checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        loop.run()
+    resumed_backend = ScriptedBackend(outcomes)
+    resumed_backend.restore(saved["backend"][0])
+    resumed_backend.calls = saved["backend"][1]
+    loop2 = FNConstrainedPruning(resumed_backend, FNConstraint([1], abs_tol=2), target=0.99, target_key="sparsity",
+                                 step=0.4, max_halvings=1)
+    loop2.load_state_dict(saved["loop"])
+    res = loop2.run(dense=full.dense)
+    assert [r.to_dict() for r in res.history] == [r.to_dict() for r in ref.history]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    outcomes=st.lists(st.tuples(st.integers(0, 20), st.sampled_from([0.5, 0.88, 0.9])), min_size=1, max_size=12),
+    abs_tol=st.integers(0, 3),
+    max_halvings=st.integers(0, 3),
+    max_steps=st.integers(1, 15),
+)
+def test_property_returns_the_last_compliant_state_bit_for_bit(outcomes, abs_tol, max_halvings, max_steps):
+    backend = ScriptedBackend(outcomes)
+    constraint = FNConstraint([1], abs_tol=abs_tol, max_accuracy_drop=0.05)
+    last_compliant = {"w": backend.weights.clone(), "fn": backend.dense.fn[1]}
+
+    def track(rec, _):
+        if rec.decision == "accept":
+            last_compliant["w"] = backend.weights.clone()
+            last_compliant["fn"] = rec.fn[1]
+
+    res = FNConstrainedPruning(backend, constraint, target=0.999, target_key="sparsity", step=0.3,
+                               max_halvings=max_halvings, max_steps=max_steps, on_record=track).run()
+    assert torch.equal(backend.weights, last_compliant["w"])
+    assert not constraint.violations(res.dense, res.final)
+    assert res.final.fn[1] == last_compliant["fn"]
+    assert res.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
+    for rec in res.history:
+        assert rec.compliant == (rec.decision == "accept")

@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from classaware_plugin.core import ClassAwareError, ClassSaliency, StaleStatisticsError, make_score
+from classaware_plugin.core.saliency import REST
+
+from .helpers import TinyNet, toy_loader
+
+
+def _agnostic_taylor(model, loader):
+    model.eval()
+    model.zero_grad()
+    for x, y in loader:
+        F.cross_entropy(model(x), y, reduction="sum").backward()
+    out = {m: {n: (p.detach() * p.grad).abs() for n, p in m.named_parameters(recurse=False)} for m in model.modules() if list(m.parameters(recurse=False))}
+    model.zero_grad()
+    return out
+
+
+def test_unit_omega_equals_class_agnostic_taylor():
+    model, loader = TinyNet(), toy_loader()
+    stats = ClassSaliency([1], num_classes=3).collect(model, loader)
+    ours = stats.scores(omega=1.0, rest_weight=1.0, normalization="none")
+    ref = _agnostic_taylor(model, loader)
+    assert set(ours) == set(ref)
+    for m in ref:
+        for n in ref[m]:
+            torch.testing.assert_close(ours[m][n], ref[m][n], rtol=1e-4, atol=1e-7)
+
+
+def test_important_only_differs_from_agnostic_and_scales_with_omega():
+    model, loader = TinyNet(), toy_loader()
+    stats = ClassSaliency([1], num_classes=3).collect(model, loader)
+    only = stats.contributions(omega=1.0, rest_weight=0.0)
+    double = stats.contributions(omega=2.0, rest_weight=0.0)
+    for m in only:
+        for n in only[m]:
+            torch.testing.assert_close(double[m][n], 2 * only[m][n])
+    agn = stats.scores(omega=1.0)
+    assert not torch.allclose(agn[model.fc]["weight"], only[model.fc]["weight"].abs())
+
+
+def test_mean_normalisation_divides_by_bucket_counts():
+    model, loader = TinyNet(), toy_loader(n=48)
+    stats = ClassSaliency([1], num_classes=3).collect(model, loader)
+    assert stats.counts_ == {1: 16, REST: 32}
+    w = stats.bucket_weights(omega=4.0, rest_weight=1.0, normalization="mean")
+    assert w == pytest.approx({1: 4.0 / 16, REST: 1.0 / 32})
+
+
+def test_depthwise_conv_and_batchnorm_are_scored():
+    model = TinyNet()
+    stats = ClassSaliency([1], num_classes=3).collect(model, toy_loader())
+    scores = stats.scores()
+    assert scores[model.dw]["weight"].shape == model.dw.weight.shape
+    assert set(scores[model.bn]) == {"weight", "bias"}
+    assert scores[model.dw]["weight"].sum() > 0
+
+
+def test_at_most_one_backward_per_important_class_plus_rest(monkeypatch):
+    calls = []
+    real = torch.autograd.grad
+
+    def counting(*a, **kw):
+        calls.append(1)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    model, loader = TinyNet(), toy_loader(n=48, batch_size=16)
+    ClassSaliency([1, 2], num_classes=3).collect(model, loader)
+    assert len(calls) <= 3 * len(loader)
+
+
+def test_user_gradients_and_bn_statistics_are_untouched():
+    model = TinyNet()
+    model.fc.weight.grad = torch.ones_like(model.fc.weight)
+    before = model.bn.running_mean.clone()
+    ClassSaliency([1], num_classes=3).collect(model, toy_loader())
+    assert torch.equal(model.fc.weight.grad, torch.ones_like(model.fc.weight))
+    assert torch.equal(model.bn.running_mean, before)
+
+
+def test_stale_after_training_step_or_shape_change():
+    model = TinyNet()
+    stats = ClassSaliency([1], num_classes=3).collect(model, toy_loader())
+    stats.check_fresh()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = next(iter(toy_loader()))
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    with pytest.raises(StaleStatisticsError, match="collect"):
+        stats.scores()
+    stats.collect(model, toy_loader())
+    model.fc.weight = torch.nn.Parameter(model.fc.weight[:, :2].detach().clone())
+    with pytest.raises(StaleStatisticsError):
+        stats.scores()
+
+
+def test_state_dict_round_trip_gives_the_same_scores():
+    model = TinyNet()
+    stats = ClassSaliency([1], num_classes=3).collect(model, toy_loader())
+    fresh = ClassSaliency([1], num_classes=3)
+    fresh.load_state_dict(stats.state_dict(), model)
+    a, b = stats.scores(omega=3.0), fresh.scores(omega=3.0)
+    for m in a:
+        for n in a[m]:
+            assert torch.equal(a[m][n], b[m][n])
+
+
+def test_bad_inputs_named():
+    with pytest.raises(ClassAwareError, match="important_classes"):
+        ClassSaliency([3], num_classes=3)
+    stats = ClassSaliency([1], num_classes=3)
+    with pytest.raises(ClassAwareError, match="empty loader"):
+        stats.collect(TinyNet(), [])
+    with pytest.raises(ClassAwareError, match=r"\(batch, 4\)"):
+        ClassSaliency([1], num_classes=4).collect(TinyNet(), toy_loader())
+    stats.collect(TinyNet(), toy_loader())
+    with pytest.raises(ClassAwareError, match="not important classes"):
+        stats.bucket_weights(omega={2: 3.0})
+    with pytest.raises(ClassAwareError, match="normalization"):
+        stats.bucket_weights(normalization="l2")
+
+
+def test_score_registry():
+    from classaware_plugin.core import available_scores
+
+    assert {"taylor", "magnitude_increase", "magnitude"} <= set(available_scores())
+    with pytest.raises(ClassAwareError, match="'magnitude', 'magnitude_increase', 'taylor'"):
+        make_score("snip")
+
+
+def test_magnitude_increase_is_abs_difference():
+    model = TinyNet()
+    score = make_score("magnitude_increase")
+    score.set_rewind_point(model)
+    with torch.no_grad():
+        model.fc.weight.mul_(2.0)
+    s = score.element_scores(model)
+    torch.testing.assert_close(s[model.fc]["weight"], model.fc.weight.abs() / 2)
+    torch.testing.assert_close(s[model.conv]["weight"], torch.zeros_like(model.conv.weight))
