@@ -1,0 +1,23 @@
+"""Exact snapshots of a model whose structure may change (structural pruning), restored in place."""
+from __future__ import annotations
+
+import copy
+
+from torch import nn
+
+
+def snapshot_module(model: nn.Module) -> nn.Module:
+    """A deep copy: weights, buffers, channel counts and every module attribute."""
+    return copy.deepcopy(model)
+
+
+def restore_module(model: nn.Module, snapshot: nn.Module) -> None:
+    """Make ``model`` (the same Python object) exactly ``snapshot`` again, structure included.
+
+    All of a module's state lives in its ``__dict__`` (parameters, buffers, sub-modules, attributes), so
+    replacing it with a copy of the snapshot's restores weights and channel counts bit for bit while
+    references to ``model`` held by the caller stay valid. The snapshot itself is left untouched.
+    """
+    fresh = copy.deepcopy(snapshot)
+    model.__dict__.clear()
+    model.__dict__.update(fresh.__dict__)

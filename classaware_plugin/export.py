@@ -1,0 +1,76 @@
+"""Save, load and export pruned models (framework-neutral; used by both adapters and the CLI).
+
+- ``save_model`` / ``load_model``: the whole pickled module (structure included). ``torch.load`` now
+  defaults to ``weights_only=True``, which refuses a pickled module; ``load_model`` passes
+  ``weights_only=False`` explicitly. Only load files you trust.
+- ``export_onnx``: ONNX file checked against onnxruntime; returns the max abs difference.
+- ``export_torchscript``: traced TorchScript file, reloaded and compared.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+def atomic_save(obj: object, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
+    atomic_save(model, path)
+
+
+def load_model(path: str | os.PathLike[str], map_location: str = "cpu") -> nn.Module:
+    """Load a module saved by :func:`save_model` in any process (``weights_only=False``: trusted files only)."""
+    model = torch.load(path, map_location=map_location, weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module.")
+    return model.eval()
+
+
+@torch.no_grad()
+def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike[str]) -> float:
+    """Export to ONNX (dynamic batch) and return max |torch - onnxruntime| on ``example_inputs``."""
+    import onnxruntime as ort
+
+    model.eval()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.onnx.export(
+        model, (example_inputs,), str(path), input_names=["input"], output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+    )
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ours = model(example_inputs).numpy()
+    theirs = sess.run(None, {"input": example_inputs.numpy()})[0]
+    return float(np.abs(ours - theirs).max())
+
+
+@torch.no_grad()
+def export_torchscript(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike[str]) -> float:
+    """Trace to TorchScript, save, reload, and return max |eager - reloaded|."""
+    model.eval()
+    traced = torch.jit.trace(model, example_inputs)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(path))
+    loaded = torch.jit.load(str(path))
+    return float((model(example_inputs) - loaded(example_inputs)).abs().max())

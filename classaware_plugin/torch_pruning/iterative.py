@@ -1,0 +1,244 @@
+"""FN-constrained iterative structural pruning with Torch-Pruning.
+
+Each step builds a fresh TP pruner on the current model with ``pruning_ratio = fraction`` (of the channels
+that remain), refreshes the class-aware statistics, calls ``pruner.step()``, fine-tunes with a freshly built
+optimiser, and evaluates on validation. A rejected step is undone exactly by restoring a deep copy of the
+model in place; because every step has its own pruner there is no step counter or dependency-graph history
+left behind to reset.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from ..core._validation import ClassAwareError, check_important_classes, check_number
+from ..core.calibration import last_linear
+from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
+from ..core.loss import ClassDependentLoss
+from ..core.metrics import Evaluation, evaluate
+from ..core.modelstate import restore_module, snapshot_module
+from ..core.training import train
+from .importance import ClassAwareImportance
+
+log = logging.getLogger(__name__)
+
+PrunerFactory = Callable[[nn.Module, Any, float], "tp.pruner.BasePruner"]
+
+
+def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """(parameters, MACs) by ``torch_pruning.utils.count_ops_and_params``."""
+    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
+    return int(params), int(macs)
+
+
+class TorchPruningBackend:
+    """Drives Torch-Pruning for :class:`~classaware_plugin.core.FNConstrainedPruning`.
+
+    Args:
+        model: the model to prune (pruned in place).
+        example_inputs: a batch for TP's graph tracing and for MACs counting.
+        importance: any TP importance; a :class:`ClassAwareImportance` gets its statistics refreshed
+            from ``calib_loader`` before every step. Other data-driven TP estimators (Taylor) get one
+            ``loss.backward()`` per calibration batch before the step, gradients zeroed after.
+        val_loader: where compliance is decided.
+        finetune: ``finetune(model)`` called after every step; default: ``train()`` with ``loss_fn``.
+        ignored_layers: layers TP must not prune (default: the last ``nn.Linear``, the classifier).
+        pruner_factory: ``factory(model, importance, ratio) -> pruner`` to use your own TP pruner settings.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        importance: Any,
+        val_loader: Iterable[Any],
+        important_classes: Sequence[int],
+        calib_loader: Iterable[Any] | None = None,
+        finetune: Callable[[nn.Module], None] | None = None,
+        train_loader: Iterable[Any] | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        finetune_epochs: float = 1.0,
+        lr: float = 1e-3,
+        ignored_layers: Sequence[nn.Module] | None = None,
+        global_pruning: bool = False,
+        pruner_factory: PrunerFactory | None = None,
+        calib_batches: int | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.importance = importance
+        self.val_loader = val_loader
+        self.important_classes = check_important_classes(important_classes, None)
+        self.calib_loader = calib_loader if calib_loader is not None else train_loader
+        self.calib_batches = calib_batches
+        if finetune is None and train_loader is not None:
+            if loss_fn is None:
+                raise ClassAwareError("The 'loss_fn' parameter is required when fine-tuning on 'train_loader'.")
+
+            def finetune(m: nn.Module) -> None:
+                train(m, train_loader, loss_fn, epochs=finetune_epochs, lr=lr, progress=progress, desc="fine-tuning")
+
+        self._finetune = finetune
+        self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
+        self.global_pruning = global_pruning
+        self.pruner_factory = pruner_factory
+        self.dense_params, self.dense_macs = count_params_macs(model, example_inputs)
+        self._measure_cache: tuple[Any, dict[str, float]] | None = None
+
+    # ----------------------------------------------------------------- backend interface
+    def _make_pruner(self, ratio: float) -> Any:
+        if self.pruner_factory is not None:
+            return self.pruner_factory(self.model, self.importance, ratio)
+        ignored = self.ignored_layers if self.ignored_layers is not None else [last_linear(self.model)]
+        return tp.pruner.MetaPruner(
+            self.model, self.example_inputs, importance=self.importance, pruning_ratio=ratio,
+            global_pruning=self.global_pruning, ignored_layers=ignored,
+        )
+
+    def _prepare_importance(self) -> None:
+        imp = self.importance
+        if isinstance(imp, ClassAwareImportance):
+            if imp.model is None:
+                if self.calib_loader is None:
+                    raise ClassAwareError("ClassAwareImportance needs 'calib_loader' (or train_loader) to score channels.")
+                imp.collect(self.model, self.calib_loader, self.calib_batches)
+            return
+        if isinstance(imp, (tp.importance.GroupTaylorImportance, tp.importance.GroupHessianImportance)):
+            if self.calib_loader is None:
+                raise ClassAwareError(f"{type(imp).__name__} needs 'calib_loader' (or train_loader) for gradients.")
+            accumulate_gradients(self.model, self.calib_loader, self.calib_batches)
+
+    def prune(self, fraction: float) -> None:
+        before = sum(p.numel() for p in self.model.parameters())
+        self._prepare_importance()
+        pruner = self._make_pruner(fraction)
+        pruner.step()
+        self.model.zero_grad(set_to_none=True)
+        if sum(p.numel() for p in self.model.parameters()) == before:
+            raise NothingToPrune()
+
+    def finetune(self) -> None:
+        if self._finetune is not None:
+            self._finetune(self.model)
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.val_loader, self.important_classes)
+
+    def snapshot(self) -> nn.Module:
+        return snapshot_module(self.model)
+
+    def restore(self, state: nn.Module) -> None:
+        restore_module(self.model, state)
+
+    def measure(self) -> dict[str, float]:
+        shapes = tuple(tuple(p.shape) for p in self.model.parameters())
+        if self._measure_cache is None or self._measure_cache[0] != shapes:
+            params, macs = count_params_macs(self.model, self.example_inputs)
+            self._measure_cache = (
+                shapes,
+                {
+                    "params": params,
+                    "macs": macs,
+                    "macs_reduction": self.dense_macs / max(macs, 1),
+                    "params_reduction": self.dense_params / max(params, 1),
+                },
+            )
+        return dict(self._measure_cache[1])
+
+    def max_fraction(self, key: str, target: float) -> float:
+        """Channel fraction that should about reach ``target`` (MACs and conv params shrink ~ (1-f)^2)."""
+        m = self.measure()
+        if key in ("macs_reduction", "params_reduction") and m[key] < target:
+            return min(0.95, max(1e-3, 1.0 - math.sqrt(m[key] / target)))
+        return 0.95
+
+
+def accumulate_gradients(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> None:
+    """``loss.backward()`` over calibration batches (for TP's built-in gradient-based estimators)."""
+    model.zero_grad(set_to_none=True)
+    was = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for i, (x, y) in enumerate(loader):
+        if max_batches is not None and i >= max_batches:
+            break
+        torch.nn.functional.cross_entropy(model(x.to(device)), y.to(device)).backward()
+    model.train(was)
+
+
+def prune_with_fn_constraint(
+    model: nn.Module,
+    example_inputs: torch.Tensor,
+    train_loader: Iterable[Any],
+    val_loader: Iterable[Any],
+    important_classes: Sequence[int],
+    target_macs_reduction: float | None = 2.0,
+    target_params: int | None = None,
+    importance: Any | None = None,
+    constraint: FNConstraint | None = None,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    finetune: Callable[[nn.Module], None] | None = None,
+    finetune_epochs: float = 1.0,
+    lr: float = 1e-3,
+    step: float = 0.2,
+    max_halvings: int = 3,
+    max_steps: int = 30,
+    calib_batches: int | None = 8,
+    global_pruning: bool = False,
+    ignored_layers: Sequence[nn.Module] | None = None,
+    on_record: Callable[[StepRecord, FNConstrainedPruning], None] | None = None,
+    progress: bool = False,
+) -> tuple[nn.Module, ControllerResult]:
+    """Prune ``model`` structurally with Torch-Pruning until a MACs reduction (or parameter count) is reached
+    while the important classes' validation FN stays within budget. Returns ``(model, result)``.
+
+    Example:
+        >>> model, result = prune_with_fn_constraint(model, torch.randn(2, 3, 32, 32), train_dl, val_dl,
+        ...                                           important_classes=[3], target_macs_reduction=2.0)  # doctest: +SKIP
+        >>> result.stop_reason, [r.decision for r in result.history]                                     # doctest: +SKIP
+    """
+    important = check_important_classes(important_classes, None)
+    if (target_macs_reduction is None) == (target_params is None):
+        raise ClassAwareError("Give exactly one of 'target_macs_reduction' and 'target_params'.")
+    if target_macs_reduction is not None:
+        check_number("target_macs_reduction", target_macs_reduction, low=1.0, low_open=True)
+    if loss_fn is None and finetune is None:
+        counts = _class_counts(train_loader)
+        loss_fn = ClassDependentLoss(important, class_counts=counts) if min(counts) > 0 else nn.CrossEntropyLoss()
+    importance = importance or ClassAwareImportance(important)
+    backend = TorchPruningBackend(
+        model, example_inputs, importance, val_loader, important, calib_loader=train_loader, finetune=finetune,
+        train_loader=train_loader, loss_fn=loss_fn, finetune_epochs=finetune_epochs, lr=lr,
+        ignored_layers=ignored_layers, global_pruning=global_pruning, calib_batches=calib_batches, progress=progress,
+    )
+    if target_params is not None:
+        check_number("target_params", target_params, low=1, integer=True)
+        target, key = backend.dense_params / target_params, "params_reduction"
+    else:
+        target, key = float(target_macs_reduction), "macs_reduction"  # type: ignore[arg-type]
+    loop = FNConstrainedPruning(
+        backend, constraint or FNConstraint(important), target=target, target_key=key, step=step,
+        max_halvings=max_halvings, max_steps=max_steps, on_record=on_record,
+    )
+    return model, loop.run()
+
+
+def _class_counts(loader: Iterable[Any]) -> list[int]:
+    ds = getattr(loader, "dataset", None)
+    from ..data import labels_of
+
+    if ds is not None:
+        try:
+            y = labels_of(ds)
+            return torch.bincount(torch.as_tensor(y)).tolist()
+        except ClassAwareError:
+            pass
+    ys = torch.cat([torch.as_tensor(b[1]) for b in loader])
+    return torch.bincount(ys).tolist()

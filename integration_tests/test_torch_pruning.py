@@ -1,0 +1,238 @@
+"""Torch-Pruning adapter: the README example with one line changed, every group scored, FN-constrained
+pruning with a rollback on real data, unstructured pruning, save/load/export."""
+from __future__ import annotations
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch_pruning as tp
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from classaware_plugin import ClassAwareImportance
+from classaware_plugin.core import ClassAwareError, FNConstraint, StaleStatisticsError, evaluate, make_score
+from classaware_plugin.export import export_onnx, export_torchscript, load_model, save_model
+from classaware_plugin.torch_pruning import (
+    count_params_macs,
+    global_class_aware_unstructured,
+    class_aware_unstructured,
+    make_permanent,
+    masks_of,
+    prune_with_fn_constraint,
+    sparsity,
+)
+
+
+def _calib(num_classes=10, n=32, size=32):
+    g = torch.Generator().manual_seed(0)
+    return DataLoader(TensorDataset(torch.randn(n, 3, size, size, generator=g), torch.arange(n) % num_classes), batch_size=16)
+
+
+def _classifier(model):
+    return model.fc if hasattr(model, "fc") else model.classifier[-1]
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_readme_example_with_only_the_importance_line_changed(arch):
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    example_inputs = torch.randn(1, 3, 32, 32)
+    calib = _calib()
+    # --- Torch-Pruning's README example; the next line is the only change (was GroupTaylorImportance()).
+    imp = ClassAwareImportance(important_classes=[3], model=model, dataloader=calib)
+    ignored_layers = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == 10]
+    base_macs, base_nparams = tp.utils.count_ops_and_params(model, example_inputs)
+    iterative_steps = 5
+    pruner = tp.pruner.MetaPruner(
+        model, example_inputs, importance=imp, pruning_ratio=0.5, ignored_layers=ignored_layers,
+        iterative_steps=iterative_steps,
+    )
+    for i in range(iterative_steps):
+        if isinstance(imp, tp.importance.GroupTaylorImportance):
+            loss = model(example_inputs).sum()
+            loss.backward()
+        pruner.step()
+        macs, nparams = tp.utils.count_ops_and_params(model, example_inputs)
+    # --- end of the example
+    assert imp.refreshes == iterative_steps  # statistics refreshed automatically at every step
+    # Channel pruning ratio 0.5 removes about half the channels: MACs and params fall about 4x.
+    assert base_macs / macs > 3.0 and base_nparams / nparams > 3.0
+    head = _classifier(model)
+    assert head.out_features == 10
+    assert model(example_inputs).shape == (1, 10)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+    original = [m for m in getattr(torchvision.models, arch)(num_classes=10).modules() if isinstance(m, nn.Conv2d)]
+    for a, b in zip(convs, original):
+        assert a.out_channels <= b.out_channels // 2 + 1
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small"])
+def test_every_group_is_scored_depthwise_and_batchnorm_included(arch):
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    imp = ClassAwareImportance(important_classes=[3]).collect(model, _calib(n=16), max_batches=1)
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    head = _classifier(model)
+    groups = list(DG.get_all_groups(ignored_layers=[head], root_module_types=[nn.Conv2d, nn.Linear]))
+    assert groups
+    stats = imp.score.stats
+
+    def perturbed_score(group, module, name):
+        """The group's score after the module's statistics are changed (then put back)."""
+        saved = {b: stats.sums_[b][module][name].clone() for b in stats.buckets}
+        for b in stats.buckets:
+            stats.sums_[b][module][name].mul_(50.0).add_(1.0)
+        imp._cache = None
+        changed = imp(group)
+        for b in stats.buckets:
+            stats.sums_[b][module][name] = saved[b]
+        imp._cache = None
+        return changed
+
+    depthwise_groups = bn_groups = 0
+    covered = set()
+    for group in groups:
+        score = imp(group)
+        assert score is not None and len(score) == len(group[0].idxs) and torch.isfinite(score).all()
+        modules = [dep.target.module for dep, _ in group]
+        bns = [m for m in modules if isinstance(m, nn.BatchNorm2d)]
+        dws = [m for m in modules if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+        covered.update(bns)
+        if bns:
+            bn_groups += 1
+            if bn_groups <= 3:  # BatchNorm scale and shift both count
+                assert not torch.allclose(perturbed_score(group, bns[0], "weight"), score)
+                assert not torch.allclose(perturbed_score(group, bns[0], "bias"), score)
+        if dws:
+            depthwise_groups += 1
+            # The depthwise layer's statistics change the group's score (TP's own estimators skip it).
+            assert not torch.allclose(perturbed_score(group, dws[0], "weight"), score)
+    assert covered == {m for m in model.modules() if isinstance(m, nn.BatchNorm2d)}  # every BatchNorm is scored
+    if arch.startswith("mobilenet"):
+        assert depthwise_groups > 0
+
+
+def test_explicit_collect_and_stale_statistics_raise():
+    model = torchvision.models.resnet18(num_classes=10)
+    ex = torch.randn(1, 3, 32, 32)
+    imp = ClassAwareImportance(important_classes=[3])
+    pruner = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=0.5, ignored_layers=[model.fc], iterative_steps=2)
+    with pytest.raises(StaleStatisticsError, match="collect"):
+        pruner.step()
+    pruner.reset()
+    imp.collect(model, _calib(), max_batches=1)
+    pruner.step()
+    with pytest.raises(StaleStatisticsError, match="changed"):
+        pruner.step()  # the model was pruned; no refresh -> a clear error, not a silently wrong score
+    imp.collect(model, _calib(), max_batches=1)
+    pruner.step()
+    assert model(ex).shape == (1, 10)
+
+
+def test_global_pruning_and_ratio_dict_are_honoured():
+    model = torchvision.models.resnet18(num_classes=10)
+    ex = torch.randn(1, 3, 32, 32)
+    imp = ClassAwareImportance(important_classes=[3], model=model, dataloader=_calib())
+    pruner = tp.pruner.MetaPruner(model, ex, importance=imp, pruning_ratio=0.3, ignored_layers=[model.fc],
+                                  pruning_ratio_dict={model.layer4: 0.7}, global_pruning=False)
+    pruner.step()
+    assert abs(model.layer4[1].conv1.out_channels - 512 * 0.3) <= 1   # the layer's own ratio, 0.7
+    assert abs(model.layer1[0].conv1.out_channels - 64 * 0.7) <= 1    # the default ratio, 0.3
+    model2 = torchvision.models.resnet18(num_classes=10)
+    imp2 = ClassAwareImportance(important_classes=[3], model=model2, dataloader=_calib())
+    tp.pruner.MetaPruner(model2, ex, importance=imp2, pruning_ratio=0.5, ignored_layers=[model2.fc],
+                         global_pruning=True).step()
+    widths = {m.out_channels for m in model2.modules() if isinstance(m, nn.Conv2d)}
+    assert len(widths) > 4  # global ranking prunes layers unevenly
+
+
+def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_model(digits, dense_digits_model):
+    model = copy.deepcopy(dense_digits_model)
+    train_dl, val_dl, test_dl = digits.loaders(64, seed=0)
+    ex = torch.randn(2, *digits.input_shape)
+    constraint = FNConstraint([3], abs_tol=0, max_accuracy_drop=0.02)
+    dense_val = evaluate(model, val_dl, [3])
+    accepted_states = []
+
+    def remember(rec, loop):
+        if rec.decision == "accept":
+            accepted_states.append(copy.deepcopy(model.state_dict()))
+
+    model, result = prune_with_fn_constraint(
+        model, ex, train_dl, val_dl, [3], target_macs_reduction=6.0, constraint=constraint, step=0.6,
+        finetune_epochs=1.0, lr=1e-3, max_halvings=2, max_steps=8, on_record=remember,
+    )
+    decisions = [r.decision for r in result.history]
+    assert any(d in ("retry", "stop") for d in decisions), decisions  # a rollback happened
+    final_val = evaluate(model, val_dl, [3])
+    assert not constraint.violations(dense_val, final_val)          # the invariant, re-measured
+    assert final_val.fn[3] == result.final.fn[3]
+    if accepted_states:
+        for k, v in model.state_dict().items():
+            assert torch.equal(v, accepted_states[-1][k])             # exactly the last accepted state
+    params, macs = count_params_macs(model, ex)
+    assert params == result.measure["params"] and macs == result.measure["macs"]
+    assert result.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
+
+
+def test_fn_constrained_input_errors(digits, dense_digits_model):
+    train_dl, val_dl, _ = digits.loaders(64)
+    ex = torch.randn(2, *digits.input_shape)
+    with pytest.raises(ClassAwareError, match="target_macs_reduction"):
+        prune_with_fn_constraint(copy.deepcopy(dense_digits_model), ex, train_dl, val_dl, [3], target_macs_reduction=0.5)
+    with pytest.raises(ClassAwareError, match="important_classes"):
+        prune_with_fn_constraint(copy.deepcopy(dense_digits_model), ex, train_dl, val_dl, [3, 3])
+
+
+def test_unstructured_global_and_per_layer(digits, dense_digits_model):
+    train_dl, _, _ = digits.loaders(64)
+    model = copy.deepcopy(dense_digits_model)
+    score = make_score("taylor", important_classes=[3], num_classes=10)
+    score.collect(model, train_dl, max_batches=4)
+    global_class_aware_unstructured(model, score, amount=0.8)
+    assert sparsity(model) == pytest.approx(0.8, abs=1e-3)
+    masks = masks_of(model)
+    assert masks.sparsity() == pytest.approx(0.8, abs=1e-3)
+    # Global is uneven across layers; the magnitude ranking would choose other weights.
+    per_layer = [float((m.weight == 0).float().mean()) for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert max(per_layer) - min(per_layer) > 0.05
+    mag = copy.deepcopy(dense_digits_model)
+    magnitude = make_score("magnitude")
+    global_class_aware_unstructured(mag, magnitude, amount=0.8)
+    assert not torch.equal(mag.layers[0].conv1.weight_mask, model.layers[0].conv1.weight_mask)
+    make_permanent(model)
+    assert not hasattr(model.conv1, "weight_orig") and sparsity(model) == pytest.approx(0.8, abs=1e-3)
+
+    layered = copy.deepcopy(dense_digits_model)
+    score.collect(layered, train_dl, max_batches=2)
+    class_aware_unstructured(layered, score, amount=0.5)
+    for m in layered.modules():
+        if isinstance(m, nn.Conv2d):
+            assert float((m.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.02)
+
+
+def test_save_load_in_a_fresh_process_and_export(tmp_path, digits, dense_digits_model):
+    model = copy.deepcopy(dense_digits_model)
+    ex = torch.randn(4, *digits.input_shape)
+    imp = ClassAwareImportance(important_classes=[3], model=model, dataloader=digits.loaders(64)[0], max_batches=2)
+    tp.pruner.MetaPruner(model, ex[:1], importance=imp, pruning_ratio=0.4, ignored_layers=[model.fc]).step()
+    model.eval()
+    path = tmp_path / "pruned.pt"
+    save_model(model, path)
+    torch.save(ex, tmp_path / "x.pt")
+    torch.save(model(ex).detach(), tmp_path / "y.pt")
+    code = (
+        "import torch, sys; from classaware_plugin.export import load_model;"
+        f"m = load_model(r'{path}'); x = torch.load(r'{tmp_path / 'x.pt'}'); y = torch.load(r'{tmp_path / 'y.pt'}');"
+        "d = (m(x) - y).abs().max().item(); print(d); sys.exit(0 if d == 0 else 1)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    with pytest.raises(Exception):
+        torch.load(path)  # the default weights_only=True refuses a pickled module; load_model handles it
+    onnx_diff = export_onnx(model, ex, tmp_path / "pruned.onnx")
+    assert onnx_diff < 1e-4
+    ts_diff = export_torchscript(model, ex, tmp_path / "pruned.ts")
+    assert ts_diff < 1e-5
