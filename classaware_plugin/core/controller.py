@@ -315,6 +315,8 @@ class FNConstrainedPruning:
             self.accepted += 1
             self.halvings = 0
             self.current_ = ev
+            # After a success, let a halved step grow back (doubling, up to the first step size).
+            self.step_size = min(self.initial_step, max(self.step_size, fraction) * 2.0)
             self._record("accept", ev, fraction, [], measure)
             return
         # Step 3: non-compliant -> restore exactly, then retry with half the step or stop.

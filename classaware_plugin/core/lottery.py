@@ -32,6 +32,8 @@ class RewindSnapshot:
 
     def tensor(self, module_name: str, tensor_name: str) -> torch.Tensor:
         key = f"{module_name}.{tensor_name}" if module_name else tensor_name
+        if key not in self.tensors and key.endswith("_orig"):
+            key = key[: -len("_orig")]  # torch.nn.utils.prune renamed weight -> weight_orig after the snapshot
         if key not in self.tensors:
             raise ClassAwareError(f"The rewind snapshot has no tensor {key!r}.")
         return self.tensors[key]

@@ -20,6 +20,6 @@ def set_quiet(quiet: bool) -> None:
 
 
 def progress_bar(iterable: Iterable[T], desc: str, total: int | None = None, disable: bool = False, **kw: Any) -> Iterable[T]:
-    """A tqdm bar with ETA on stderr, off when quiet, disabled, or stderr is not a terminal under CI."""
-    off = disable or _QUIET or (not sys.stderr.isatty() and os.environ.get("CI") == "true")
+    """A tqdm bar with ETA on stderr; off when quiet, disabled, or stderr is not a terminal (logs stay clean)."""
+    off = disable or _QUIET or not sys.stderr.isatty()
     return tqdm(iterable, desc=desc, total=total, disable=off, leave=False, dynamic_ncols=True, **kw)

@@ -1,0 +1,1 @@
+"""The ``classaware-prune`` command line."""

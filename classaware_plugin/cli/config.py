@@ -1,0 +1,143 @@
+"""The YAML configuration of ``classaware-prune``: defaults, loading, and validation before any work."""
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ..core._validation import ClassAwareError, check_choice, check_number
+from ..core.scores import available_scores
+from ..data import DATASETS
+
+BACKENDS = ("torch-pruning", "nni")
+GRANULARITIES = ("structured", "unstructured")
+
+
+def default_text() -> str:
+    """The commented default configuration."""
+    return resources.files("classaware_plugin.cli").joinpath("default.yaml").read_text()
+
+
+def defaults() -> dict[str, Any]:
+    return yaml.safe_load(default_text())
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any], path: str = "") -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        where = f"{path}{key}"
+        if key not in base:
+            allowed = ", ".join(sorted(base))
+            raise ClassAwareError(f"Unknown configuration key '{where}'. Allowed keys{' in ' + path[:-1] if path else ''}: {allowed}.")
+        if isinstance(base[key], dict) and key != "kwargs":
+            if not isinstance(value, dict):
+                raise ClassAwareError(f"The configuration key '{where}' must be a mapping. Got {value!r}.")
+            out[key] = _merge(base[key], value, where + ".")
+        else:
+            out[key] = value
+    return out
+
+
+def _set_dotted(cfg: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ClassAwareError(f"--set takes key=value (e.g. pruning.step=0.1). Got {assignment!r}.")
+    key, _, raw = assignment.partition("=")
+    node = cfg
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = yaml.safe_load(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """Defaults, overlaid with the YAML file and ``key=value`` overrides, validated."""
+    user: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ClassAwareError(f"The configuration file {str(p)!r} does not exist.")
+        user = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(user, dict):
+            raise ClassAwareError(f"The configuration file {str(p)!r} must hold a mapping at the top level.")
+    for assignment in overrides or []:
+        _set_dotted(user, assignment)
+    cfg = _merge(defaults(), user)
+    validate(cfg)
+    return cfg
+
+
+def _num(name: str, value: Any, **kw: Any) -> None:
+    try:
+        check_number(name, value, **kw)
+    except ClassAwareError as e:
+        raise ClassAwareError(str(e).replace("parameter", "configuration key", 1)) from None
+
+
+def _choice(name: str, value: Any, choices: Any) -> None:
+    try:
+        check_choice(name, value, list(choices))
+    except ClassAwareError as e:
+        raise ClassAwareError(str(e).replace("parameter", "configuration key", 1)) from None
+
+
+def validate(cfg: dict[str, Any]) -> None:
+    """Check every value; the message names the key, what is allowed and what was given."""
+    _num("seed", cfg["seed"], low=0, integer=True)
+    d = cfg["data"]
+    _choice("data.name", d["name"], sorted(DATASETS))
+    if d["name"] == "image_folder" and not d["path"]:
+        raise ClassAwareError("The configuration key 'data.path' must name the ImageFolder root for data.name=image_folder.")
+    if d["image_size"] is not None:
+        _num("data.image_size", d["image_size"], low=4, high=512, integer=True)
+    _choice("data.channels", d["channels"], [1, 3])
+    _num("data.keep_fraction", d["keep_fraction"], low=0.0, high=1.0, low_open=True)
+    if d["train_limit"] is not None:
+        _num("data.train_limit", d["train_limit"], low=100, integer=True)
+    _num("data.batch_size", d["batch_size"], low=1, integer=True)
+    ic = cfg["important_classes"]
+    if not isinstance(ic, list) or not ic or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in ic):
+        raise ClassAwareError(
+            f"The configuration key 'important_classes' must be a non-empty list of class indices or names. Got {ic!r}."
+        )
+    if len(set(ic)) != len(ic):
+        raise ClassAwareError(f"The configuration key 'important_classes' must not repeat a class. Got {ic!r}.")
+    m = cfg["model"]
+    if not isinstance(m["name"], str):
+        raise ClassAwareError(f"The configuration key 'model.name' must be a string. Got {m['name']!r}.")
+    if m["checkpoint"] is not None and not Path(m["checkpoint"]).is_file():
+        raise ClassAwareError(f"The configuration key 'model.checkpoint' names {m['checkpoint']!r}, which does not exist.")
+    if not isinstance(m["kwargs"], dict):
+        raise ClassAwareError(f"The configuration key 'model.kwargs' must be a mapping. Got {m['kwargs']!r}.")
+    t = cfg["training"]
+    _num("training.epochs", t["epochs"], low=0.0)
+    _num("training.lr", t["lr"], low=0.0, low_open=True)
+    _choice("training.optimizer", t["optimizer"], ["adam", "sgd"])
+    _choice("training.class_weights", t["class_weights"], ["balanced", "inverse", "none"])
+    _num("training.rank_weight", t["rank_weight"], low=0.0)
+    _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
+    p = cfg["pruning"]
+    _choice("pruning.backend", p["backend"], BACKENDS)
+    _choice("pruning.granularity", p["granularity"], GRANULARITIES)
+    _choice("pruning.score", p["score"], available_scores())
+    _num("pruning.omega", p["omega"], low=0.0)
+    _choice("pruning.normalization", p["normalization"], ["mean", "none"])
+    _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)
+    _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
+    _num("pruning.step", p["step"], low=0.0, high=1.0, low_open=True, high_open=True)
+    _num("pruning.max_halvings", p["max_halvings"], low=0, integer=True)
+    _num("pruning.max_steps", p["max_steps"], low=1, integer=True)
+    _num("pruning.finetune_epochs", p["finetune_epochs"], low=0.0)
+    _num("pruning.lr", p["lr"], low=0.0, low_open=True)
+    _num("pruning.calib_batches", p["calib_batches"], low=1, integer=True)
+    c = cfg["constraint"]
+    _num("constraint.abs_tol", c["abs_tol"], low=0, integer=True)
+    _num("constraint.rel_tol", c["rel_tol"], low=0.0)
+    if c["max_accuracy_drop"] is not None:
+        _num("constraint.max_accuracy_drop", c["max_accuracy_drop"], low=0.0, high=1.0)
+    if not isinstance(cfg["calibration"], bool):
+        raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")
+    if not isinstance(cfg["export"]["onnx"], bool):
+        raise ClassAwareError(f"The configuration key 'export.onnx' must be true or false. Got {cfg['export']['onnx']!r}.")

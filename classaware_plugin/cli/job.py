@@ -1,0 +1,330 @@
+"""The main job: data -> dense model -> dense metrics -> FN-constrained pruning -> calibration -> export -> report.
+
+Every stage writes its result atomically into the run directory; the pruning loop writes a checkpoint after
+every attempt. ``resume`` picks up from the last completed stage or attempt (after a kill -9 too), and because
+every fine-tuning attempt is seeded from (seed, attempt number) a resumed run reaches the same history as an
+uninterrupted one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from ..core._validation import ClassAwareError
+from ..core.calibration import calibrate
+from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
+from ..core.loss import ClassDependentLoss
+from ..core.metrics import Evaluation, evaluate
+from ..core.scores import make_score
+from ..core.training import train
+from ..data import DataBundle, load_dataset
+from ..export import atomic_save, export_onnx, load_model, save_model
+from ..models import build_model, check_output_width
+from ..torch_pruning.unstructured import make_permanent
+from .config import validate
+
+log = logging.getLogger(__name__)
+
+STATE = "state.pt"
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
+    """The data bundle and the important classes resolved to indices (names allowed)."""
+    d = cfg["data"]
+    name = d["name"]
+    kw: dict[str, Any] = {"seed": cfg["seed"], "keep_fraction": d["keep_fraction"]}
+    if name == "digits":
+        kw.update(image_size=d["image_size"], channels=d["channels"])
+    elif name == "fashion_mnist":
+        kw.update(root=d["path"], train_limit=d["train_limit"])
+    elif name == "image_folder":
+        kw.update(root=d["path"], image_size=d["image_size"] or 64)
+    # Names are resolved against the data set's class names, which need the data set: load once without rarity.
+    probe = load_dataset(name, **{**kw, "keep_fraction": 1.0, "important": []}) if any(
+        isinstance(c, str) for c in cfg["important_classes"]) else None
+    names_from = probe.class_names if probe is not None else None
+    important = []
+    for c in cfg["important_classes"]:
+        if isinstance(c, str):
+            assert names_from is not None
+            if c not in names_from:
+                raise ClassAwareError(f"Unknown class name {c!r} in 'important_classes'; the classes are {names_from}.")
+            important.append(names_from.index(c))
+        else:
+            important.append(int(c))
+    bundle = load_dataset(name, important=important, **kw)
+    for c in important:
+        if not 0 <= c < bundle.num_classes:
+            raise ClassAwareError(
+                f"The configuration key 'important_classes' holds {c}, outside [0, {bundle.num_classes}) for {name}."
+            )
+    return bundle, important
+
+
+def _loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
+    bs = cfg["data"]["batch_size"]
+    g = torch.Generator().manual_seed(cfg["seed"])
+    train_dl = DataLoader(bundle.train, batch_size=bs, shuffle=True, generator=g)
+    # A fixed calibration subset (the first batches of a seeded permutation): the same every step and on resume.
+    perm = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg["seed"] + 1))
+    n = min(len(bundle.train), bs * cfg["pruning"]["calib_batches"])
+    calib = DataLoader(Subset(bundle.train, perm[:n].tolist()), batch_size=bs)
+    return {
+        "train": train_dl, "generator": g, "calib": calib,
+        "val": DataLoader(bundle.val, batch_size=256), "test": DataLoader(bundle.test, batch_size=256),
+    }
+
+
+def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> ClassDependentLoss:
+    t = cfg["training"]
+    return ClassDependentLoss(
+        important, class_counts=bundle.train_counts, class_weights=t["class_weights"], rank_weight=t["rank_weight"]
+    )
+
+
+def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    from ..torch_pruning.iterative import count_params_macs
+
+    return count_params_macs(model, example)
+
+
+@torch.inference_mode()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30) -> float:
+    """Median CPU latency of one forward pass at the example's batch size."""
+    model.eval()
+    for _ in range(3):
+        model(example)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(example)
+        times.append((time.perf_counter() - t) * 1000)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int | None = None) -> dict[str, Any]:
+    params, counted = count_macs(model, example)
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    d = ev.to_dict()
+    return {
+        "params": params, "nonzero_params": params - zeros, "macs": macs if macs is not None else counted,
+        "accuracy": ev.accuracy, "fn": d["fn"], "fp": d["fp"], "auc": d["auc"], "ap": d["ap"],
+        "recall": d["recall"], "support": d["support"], "confusion": d["confusion"],
+        "latency_ms": latency_ms(model, example[:1]),
+    }
+
+
+class Job:
+    """One run of ``classaware-prune run`` in ``run_dir``."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, progress: bool = True) -> None:
+        validate(cfg)
+        self.cfg = cfg
+        self.dir = run_dir
+        self.progress = progress
+
+    # ----------------------------------------------------------------- stages
+    def dense_model(self, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> nn.Module:
+        path = self.dir / "dense.pt"
+        if path.exists():
+            log.info("using the cached dense model %s", path)
+            return load_model(path)
+        m = self.cfg["model"]
+        if m["checkpoint"]:
+            obj = torch.load(m["checkpoint"], map_location="cpu", weights_only=False)
+            if isinstance(obj, nn.Module):
+                model = obj
+            else:
+                model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
+                model.load_state_dict(obj)
+            check_output_width(model, bundle.num_classes, bundle.input_shape)
+        else:
+            torch.manual_seed(self.cfg["seed"])
+            model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
+            t = self.cfg["training"]
+            loss = make_loss(self.cfg, bundle, important)
+            if t["warmup_epochs"]:
+                loss.warmup = True
+                train(model, dl["train"], loss, epochs=min(t["warmup_epochs"], t["epochs"]), lr=t["lr"],
+                      optimizer=t["optimizer"], progress=self.progress, desc="dense warm-up")
+                loss.warmup = False
+            rest = t["epochs"] - t["warmup_epochs"]
+            if rest > 0:
+                train(model, dl["train"], loss, epochs=rest, lr=t["lr"], optimizer=t["optimizer"],
+                      progress=self.progress, desc="dense training")
+        save_model(model.eval(), path)
+        return model
+
+    def _backend(self, model: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any], attempt_of):
+        p = self.cfg["pruning"]
+        loss = make_loss(self.cfg, bundle, important)
+        seed = self.cfg["seed"]
+
+        def finetune(m: nn.Module) -> None:
+            # Seeded by the attempt number, so a resumed run repeats exactly what an uninterrupted one does.
+            k = attempt_of()
+            torch.manual_seed(seed * 100_003 + k)
+            dl["generator"].manual_seed(seed * 100_003 + k)
+            train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"],
+                  optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})")
+
+        score_kw = dict(important_classes=important, num_classes=bundle.num_classes)
+        if p["score"] == "taylor":
+            score_kw.update(omega=p["omega"], normalization=p["normalization"])
+        example = torch.zeros(2, *bundle.input_shape)
+        if p["granularity"] == "unstructured":
+            from ..unstructured_backend import UnstructuredBackend
+
+            score = make_score(p["score"], **score_kw)
+            if hasattr(score, "set_rewind_point"):
+                score.set_rewind_point(load_model(self.dir / "dense.pt"))
+            macs = count_macs(model, example)[1]
+            return UnstructuredBackend(model, score, dl["val"], important, dl["calib"], finetune,
+                                       calib_batches=p["calib_batches"], macs=macs), "sparsity", p["target_sparsity"]
+        if p["backend"] == "nni":
+            from ..nni.iterative import NNIBackend
+
+            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, score_kw), \
+                "macs_reduction", p["target_macs_reduction"]
+        from ..torch_pruning import ClassAwareImportance, TorchPruningBackend
+
+        imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes,
+                                   **({"omega": p["omega"], "normalization": p["normalization"]} if p["score"] == "taylor" else {}))
+        if p["score"] == "magnitude_increase":
+            imp.set_rewind_point(model)
+        return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
+                                   finetune=finetune, calib_batches=p["calib_batches"]), "macs_reduction", p["target_macs_reduction"]
+
+    def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None) -> None:
+        atomic_save({"stage": stage, "model": model, "controller": loop.state_dict() if loop else None,
+                     **(extra or {})}, self.dir / STATE)
+
+    # ----------------------------------------------------------------- the whole job
+    def run(self) -> dict[str, Any]:
+        cfg, d = self.cfg, self.dir
+        d.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(d / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        t0 = time.time()
+        # Step 1: data.
+        bundle, important = load_data(cfg)
+        dl = _loaders(bundle, cfg)
+        example = torch.zeros(2, *bundle.input_shape)
+        # Step 2: the dense model (trained or loaded, cached in the run directory).
+        dense = self.dense_model(bundle, important, dl)
+        # Step 3: dense metrics.
+        dense_path = d / "dense_metrics.json"
+        if dense_path.exists():
+            dense_metrics = json.loads(dense_path.read_text())
+        else:
+            dense_metrics = {
+                "test": summarise(dense, evaluate(dense, dl["test"], important, bundle.num_classes), example),
+                "validation": evaluate(dense, dl["val"], important, bundle.num_classes).to_dict(),
+            }
+            atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
+        dense_val = _evaluation_from_dict(dense_metrics["validation"])
+        # Step 4: FN-constrained pruning, resumable after every attempt.
+        state = torch.load(d / STATE, map_location="cpu", weights_only=False) if (d / STATE).exists() else None
+        model = state["model"] if state is not None else load_model(d / "dense.pt")
+        loop_box: dict[str, FNConstrainedPruning] = {}
+        backend, key, target = self._backend(model, bundle, important, dl, lambda: len(loop_box["loop"].history) + 1)
+        c = cfg["constraint"]
+        constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"])
+        p = cfg["pruning"]
+
+        def on_record(rec: StepRecord, loop: FNConstrainedPruning) -> None:
+            if rec.decision != "rollback":  # an interrupted attempt is redone on resume, not recorded
+                self._checkpoint(model, loop, "pruning")
+
+        loop = FNConstrainedPruning(backend, constraint, target=target, target_key=key, step=p["step"],
+                                    max_halvings=p["max_halvings"], max_steps=p["max_steps"], on_record=on_record)
+        loop_box["loop"] = loop
+        if state is not None and state.get("controller"):
+            loop.load_state_dict(state["controller"])
+        if state is None or state["stage"] == "pruning":
+            loop.run(dense=dense_val)
+            make_permanent(model)  # unstructured masks baked into plain weights (no-op for structured)
+            self._checkpoint(model, loop, "pruned")
+            state = {"stage": "pruned"}
+        # Step 5: decision calibration (validation only), before export so it survives in every file.
+        calibration = state.get("calibration")
+        if cfg["calibration"] and state["stage"] == "pruned":
+            cal = calibrate(model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
+            calibration = cal.to_dict()
+            self._checkpoint(model, loop, "calibrated", {"calibration": calibration})
+        pruned_val = evaluate(model, dl["val"], important, bundle.num_classes)
+        # Step 6: export.
+        save_model(model.eval(), d / "pruned.pt")
+        exports: dict[str, Any] = {"pytorch": "pruned.pt"}
+        if cfg["export"]["onnx"]:
+            diff = export_onnx(model, torch.randn(4, *bundle.input_shape, generator=torch.Generator().manual_seed(0)), d / "pruned.onnx")
+            exports.update(onnx="pruned.onnx", onnx_max_abs_diff=diff)
+        # Step 7: the report.
+        macs = int(backend.measure()["macs"]) if cfg["pruning"]["granularity"] == "unstructured" else None
+        pruned_test = evaluate(model, dl["test"], important, bundle.num_classes)
+        report = {
+            "dataset": bundle.name,
+            "class_names": bundle.class_names,
+            "dense": {**dense_metrics["test"], "validation": dense_metrics["validation"]},
+            "pruned": {**summarise(model, pruned_test, example, macs), "validation": pruned_val.to_dict()},
+            "constraint": {
+                "important_classes": important,
+                "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
+                "budget": {str(k): v for k, v in constraint.budget(dense_val.fn).items()},
+                "satisfied": not constraint.violations(dense_val, pruned_val),
+            },
+            "target": {"key": key, "value": target},
+            "history": [r.to_dict() for r in loop.history],
+            "stop_reason": loop.stop_reason_,
+            "calibration": calibration,
+            "exports": exports,
+            "wall_time_s": round(time.time() - t0, 1),
+        }
+        from .report import write_report
+
+        write_report(report, d)
+        self._checkpoint(model, loop, "done", {"calibration": calibration})
+        return report
+
+
+def _evaluation_from_dict(d: dict[str, Any]) -> Evaluation:
+    import numpy as np
+
+    def ints(x: dict[str, Any]) -> dict[int, Any]:
+        return {int(k): (float("nan") if v is None else v) for k, v in x.items()}
+
+    return Evaluation(
+        num_samples=d["num_samples"], accuracy=d["accuracy"], fn=ints(d["fn"]), fp=ints(d["fp"]),
+        recall=ints(d["recall"]), support=ints(d["support"]), auc=ints(d["auc"]), ap=ints(d["ap"]),
+        confusion=np.asarray(d["confusion"]), important_classes=list(d["important_classes"]),
+    )
+
+
+def prepare_run_dir(path: Path, force: bool) -> Path:
+    if path.exists() and any(path.iterdir()):
+        if not force:
+            raise ClassAwareError(
+                f"The run directory {str(path)!r} is not empty. Resume it with 'classaware-prune run --resume {path}', "
+                "choose another output_dir, or pass --force to start over."
+            )
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    return path

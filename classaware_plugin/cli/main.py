@@ -1,0 +1,137 @@
+"""``classaware-prune``: run the main job, print the default configuration, evaluate a saved model.
+
+    classaware-prune run [--config FILE] [--set key=value ...] [--out DIR] [--force] [--quiet]
+    classaware-prune run --resume DIR
+    classaware-prune config --default
+    classaware-prune evaluate MODEL --data digits --important 3 [--split test]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+from pathlib import Path
+
+log = logging.getLogger("classaware_plugin")
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Libraries we call are not allowed to talk over our output.
+    for noisy in ("nni", "torch_pruning", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*Converting a tensor to a Python.*")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="classaware-prune", description="Class-dependent pruning with an FN budget.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="prune a model end to end and write a report")
+    r.add_argument("--config", help="YAML configuration (see 'classaware-prune config --default')")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. pruning.step=0.1")
+    r.add_argument("--out", help="run directory (overrides output_dir)")
+    r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its directory")
+    r.add_argument("--force", action="store_true", help="start over in a non-empty run directory")
+    r.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    c = sub.add_parser("config", help="print the commented default configuration")
+    c.add_argument("--default", action="store_true", required=True)
+    e = sub.add_parser("evaluate", help="per-class table of a saved model")
+    e.add_argument("model", help="a model saved by classaware-prune (pruned.pt, dense.pt)")
+    e.add_argument("--data", default="digits", help="data set name (digits, breast_cancer, fashion_mnist, image_folder)")
+    e.add_argument("--important", nargs="+", default=["3"], help="important classes (indices or names)")
+    e.add_argument("--config", help="take the data settings from this run configuration (e.g. RUN/config.yaml)")
+    e.add_argument("--split", default="test", choices=["val", "test"])
+    return p
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..core.progress import set_quiet
+    from .config import load_config, validate
+    from .job import Job, prepare_run_dir
+
+    set_quiet(args.quiet)
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml).")
+        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+        validate(cfg)
+        log.info("resuming %s", run_dir)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = prepare_run_dir(Path(args.out or cfg["output_dir"]), args.force)
+        cfg["output_dir"] = str(run_dir)
+    try:
+        report = Job(cfg, run_dir, progress=not args.quiet).run()
+    except KeyboardInterrupt:
+        print(f"\nInterrupted. Nothing completed is lost; continue with:\n  classaware-prune run --resume {run_dir}",
+              file=sys.stderr)
+        return 130
+    d, p = report["dense"], report["pruned"]
+    imp = report["constraint"]["important_classes"]
+    names = report["class_names"]
+    print(f"Dense : {d['params']:,} params, {d['macs']:,} MACs, accuracy {d['accuracy']:.3f}, "
+          + ", ".join(f"FN[{names[c]}] {d['fn'][str(c)]}" for c in imp) + " (test)")
+    print(f"Pruned: {p['params']:,} params, {p['macs']:,} MACs, accuracy {p['accuracy']:.3f}, "
+          + ", ".join(f"FN[{names[c]}] {p['fn'][str(c)]}" for c in imp) + " (test)")
+    print(f"Stop reason: {report['stop_reason']}; FN constraint on validation "
+          f"{'satisfied' if report['constraint']['satisfied'] else 'NOT satisfied'}.")
+    print(f"Report: {run_dir / 'report.md'}  (also report.json, fn_vs_compression.png)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    import yaml
+
+    from ..core.metrics import evaluate
+    from ..export import load_model
+    from .config import load_config
+    from .job import _loaders, load_data
+
+    overrides = [f"important_classes=[{','.join(args.important)}]"]
+    if args.config:
+        cfg = yaml.safe_load(Path(args.config).read_text())
+        cfg["important_classes"] = [int(c) if c.isdigit() else c for c in args.important]
+    else:
+        cfg = load_config(None, [*overrides, f"data.name={args.data}"])
+    bundle, important = load_data(cfg)
+    model = load_model(args.model)
+    dl = _loaders(bundle, cfg)
+    ev = evaluate(model, dl[args.split], important, bundle.num_classes)
+    print(f"{args.model} on {bundle.name} ({args.split}, {ev.num_samples} samples): accuracy {ev.accuracy:.4f}")
+    print(f"{'class':<16}{'cases':>7}{'FN':>6}{'FP':>6}{'recall':>9}{'AUC':>8}")
+    for c, name in enumerate(bundle.class_names):
+        auc = f"{ev.auc[c]:.3f}" if c in ev.auc else ""
+        star = "*" if c in important else " "
+        print(f"{star}{name:<15}{ev.support[c]:>7}{ev.fn[c]:>6}{ev.fp[c]:>6}{ev.recall[c]:>9.3f}{auc:>8}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _setup_logging(getattr(args, "quiet", False))
+    from ..core._validation import ClassAwareError
+
+    try:
+        if args.command == "config":
+            from .config import default_text
+
+            print(default_text(), end="")
+            return 0
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        return cmd_run(args)
+    except ClassAwareError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("MPLBACKEND", "Agg")
+    sys.exit(main())

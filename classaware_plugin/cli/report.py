@@ -1,0 +1,162 @@
+"""report.json, report.md (a table a clinician can read) and fn_vs_compression.png."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+STOP_WORDS = {
+    "target_reached": "the compression target was reached with every important class within its false-negative budget",
+    "no_compliant_step": "no smaller pruning step kept the important classes within their false-negative budget "
+                         "(the last compliant model is returned)",
+    "step_budget": "the budget of pruning attempts ran out (the last compliant model is returned)",
+    "nothing_left": "nothing was left to prune",
+}
+
+
+def _fmt_int(n: Any) -> str:
+    return "-" if n is None else f"{int(n):,}"
+
+
+def _fmt_pct(x: Any) -> str:
+    return "-" if x is None else f"{100 * float(x):.1f}%"
+
+
+def write_markdown(report: dict[str, Any]) -> str:
+    names = report["class_names"]
+    dense, pruned = report["dense"], report["pruned"]
+    important = set(report["constraint"]["important_classes"])
+    budget = report["constraint"]["budget"]
+    lines = [
+        "# Class-aware pruning report",
+        "",
+        f"Data set: **{report['dataset']}**. Important: "
+        + ", ".join(f"**{names[c]}** (class {c})" for c in sorted(important))
+        + ". Figures are on the held-out **test** split; decisions were taken on the validation split only.",
+        "",
+        "## Summary",
+        "",
+        "| | dense | pruned |",
+        "|---|---:|---:|",
+        f"| parameters | {_fmt_int(dense['params'])} | {_fmt_int(pruned['params'])} |",
+        f"| non-zero parameters | {_fmt_int(dense['nonzero_params'])} | {_fmt_int(pruned['nonzero_params'])} |",
+        f"| MACs | {_fmt_int(dense['macs'])} | {_fmt_int(pruned['macs'])} |",
+        f"| accuracy | {_fmt_pct(dense['accuracy'])} | {_fmt_pct(pruned['accuracy'])} |",
+        f"| CPU latency, batch 1 (ms) | {dense['latency_ms']:.2f} | {pruned['latency_ms']:.2f} |",
+        "",
+        "## Per class (test split)",
+        "",
+        "Missed = false negatives (cases of the class the model did not recognise). "
+        "False alarms = false positives (other cases the model called this class).",
+        "",
+        "| class | cases | missed, dense | missed, pruned | false alarms, dense | false alarms, pruned | recall, pruned |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for c, name in enumerate(names):
+        k = str(c)
+        mark = " **(important)**" if c in important else ""
+        lines.append(
+            f"| {name}{mark} | {pruned['support'][k]} | {dense['fn'][k]} | {pruned['fn'][k]} | {dense['fp'][k]} | "
+            f"{pruned['fp'][k]} | {_fmt_pct(pruned['recall'][k])} |"
+        )
+    lines += ["", "## The false-negative constraint", ""]
+    for c in sorted(important):
+        k = str(c)
+        lines.append(
+            f"- **{names[c]}**: validation misses {report['dense']['validation']['fn'][k]} (dense) -> "
+            f"{report['pruned']['validation']['fn'][k]} (pruned), budget {budget[k]}; test AUC-ROC "
+            f"{_auc(dense['auc'].get(k))} -> {_auc(pruned['auc'].get(k))}."
+        )
+    sat = report["constraint"]["satisfied"]
+    lines += [
+        f"- Constraint on the validation split: **{'satisfied' if sat else 'NOT satisfied'}** "
+        f"(abs_tol {report['constraint']['abs_tol']}, rel_tol {report['constraint']['rel_tol']}, "
+        f"max accuracy drop {report['constraint']['max_accuracy_drop']}).",
+        f"- Why it stopped: {STOP_WORDS.get(report['stop_reason'], report['stop_reason'])}.",
+    ]
+    cal = report.get("calibration")
+    if cal:
+        lines.append(
+            "- Decision calibration: important-class logits shifted by "
+            + ", ".join(f"{names[int(c)]} +{s:.3f}" for c, s in cal["shifts"].items())
+            + " (in the classifier bias); validation misses "
+            + ", ".join(f"{cal['fn_before'][c]} -> {cal['fn_after'][c]}" for c in cal["fn_before"])
+            + ", false alarms " + ", ".join(f"{cal['fp_before'][c]} -> {cal['fp_after'][c]}" for c in cal["fp_before"]) + "."
+        )
+    lines += ["", "## Steps", "", "| attempt | step | fraction | MACs | decision | important FN (val) | accuracy (val) |",
+              "|---:|---:|---:|---:|---|---|---:|"]
+    for r in report["history"]:
+        fn = ", ".join(f"{names[c]}: {r['fn'][str(c)]}" for c in sorted(important))
+        lines.append(
+            f"| {r['attempt']} | {r['step']} | {r['fraction']:.3f} | {_fmt_int(r.get('macs'))} | {r['decision']} | {fn} | "
+            f"{_fmt_pct(r['accuracy'])} |"
+        )
+    lines += ["", "![FN against compression](fn_vs_compression.png)", ""]
+    ex = report.get("exports", {})
+    if "onnx" in ex:
+        lines.append(f"Exported: `{ex['pytorch']}` (PyTorch), `{ex['onnx']}` (ONNX; max abs difference to PyTorch "
+                     f"{ex['onnx_max_abs_diff']:.2e}). Wall time {report['wall_time_s']} s.")
+    return "\n".join(lines) + "\n"
+
+
+def _auc(x: Any) -> str:
+    return "-" if x is None else f"{float(x):.3f}"
+
+
+def write_plot(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = report["class_names"]
+    important = report["constraint"]["important_classes"]
+    key = report["target"]["key"]
+    dense_val = report["dense"]["validation"]
+    xs_label = "MACs reduction (x)" if key == "macs_reduction" else "sparsity"
+    x0 = 1.0 if key == "macs_reduction" else 0.0
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    ax = axes[0]
+    acc = [r for r in report["history"] if r["decision"] == "accept"]
+    rej = [r for r in report["history"] if r["decision"] != "accept"]
+    for c in important:
+        k = str(c)
+        ax.plot([x0] + [r[key] for r in acc], [dense_val["fn"][k]] + [r["fn"][k] for r in acc], "o-",
+                label=f"FN {names[c]} (accepted)")
+        ax.plot([r[key] for r in rej], [r["fn"][k] for r in rej], "x", ms=9, label=f"FN {names[c]} (rolled back)")
+        ax.plot([x0] + [r[key] for r in acc], [dense_val["fp"][k]] + [r["fp"][k] for r in acc], "s--",
+                alpha=0.6, label=f"FP {names[c]}")
+        ax.axhline(report["constraint"]["budget"][k], color="red", ls=":", label=f"FN budget {names[c]}")
+    ax.set_xlabel(xs_label)
+    ax.set_ylabel("count on validation")
+    ax.set_title("Important-class errors over the pruning steps")
+    ax2 = ax.twinx()
+    ax2.plot([x0] + [r[key] for r in acc], [dense_val["accuracy"]] + [r["accuracy"] for r in acc], "k-.", alpha=0.5)
+    ax2.set_ylabel("accuracy (dash-dot)")
+    ax.legend(fontsize=7, loc="upper left")
+    for ax, which, title in ((axes[1], "dense", "Dense, test"), (axes[2], "pruned", "Pruned, test")):
+        cm = np.asarray(report[which]["confusion"])
+        ax.imshow(cm, cmap="Blues")
+        ax.set_title(f"{title}: confusion matrix")
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ticks = range(len(names))
+        ax.set_xticks(ticks, [n[:8] for n in names], rotation=60, fontsize=7)
+        ax.set_yticks(ticks, [n[:8] for n in names], fontsize=7)
+        for i in range(cm.shape[0]):
+            for j in range(cm.shape[1]):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
+                            color="white" if cm[i, j] > cm.max() / 2 else "black")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_report(report: dict[str, Any], run_dir: Path) -> None:
+    from .job import atomic_write_text
+
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
+    atomic_write_text(run_dir / "report.md", write_markdown(report))
+    write_plot(report, run_dir / "fn_vs_compression.png")

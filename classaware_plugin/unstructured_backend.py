@@ -1,0 +1,96 @@
+"""Unstructured (weight-level) pruning under the FN controller, with ``torch.nn.utils.prune`` masks.
+
+Framework-neutral: plain PyTorch. Each step prunes a fraction of the weights that remain, globally, by a core
+score; fine-tuning keeps pruned weights at zero through prune's reparametrisation (weight = weight_orig * mask).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from .core.controller import NothingToPrune
+from .core.metrics import Evaluation, evaluate
+from .core.modelstate import restore_module, snapshot_module
+from .core.scores import Score
+
+
+class UnstructuredBackend:
+    """``prune(fraction)``: global unstructured pruning of ``fraction`` of the remaining weights by ``score``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        score: Score,
+        val_loader: Iterable[Any],
+        important_classes: Sequence[int],
+        calib_loader: Iterable[Any] | None,
+        finetune: Callable[[nn.Module], None] | None,
+        calib_batches: int | None = 8,
+        parameters: Sequence[tuple[str, str]] | None = None,
+        macs: int | None = None,
+    ) -> None:
+        from .torch_pruning.unstructured import default_parameters
+
+        self.model = model
+        self.score = score
+        self.val_loader = val_loader
+        self.important_classes = list(important_classes)
+        self.calib_loader = calib_loader
+        self._finetune = finetune
+        self.calib_batches = calib_batches
+        names = {id(m): n for n, m in model.named_modules()}
+        self.param_names = list(parameters) if parameters is not None else [
+            (names[id(m)], n) for m, n in default_parameters(model)
+        ]
+        self.macs = macs
+
+    def _params(self) -> list[tuple[nn.Module, str]]:
+        modules = dict(self.model.named_modules())
+        return [(modules[m], n) for m, n in self.param_names]
+
+    def prune(self, fraction: float) -> None:
+        from .torch_pruning.unstructured import ClassAwarePruningMethod, class_aware_importance_scores
+
+        params = self._params()
+        before = self.measure()["zeros"]
+        if self.score.needs_data:
+            self.score.collect(self.model, self.calib_loader, max_batches=self.calib_batches)  # type: ignore[arg-type]
+        scores = class_aware_importance_scores(self.score, self.model, params)
+        prune.global_unstructured(params, pruning_method=ClassAwarePruningMethod, importance_scores=scores, amount=fraction)
+        if self.measure()["zeros"] == before:
+            raise NothingToPrune()
+
+    def finetune(self) -> None:
+        if self._finetune is not None:
+            self._finetune(self.model)
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.val_loader, self.important_classes)
+
+    def snapshot(self) -> nn.Module:
+        return snapshot_module(self.model)
+
+    def restore(self, state: nn.Module) -> None:
+        restore_module(self.model, state)
+
+    @torch.no_grad()
+    def measure(self) -> dict[str, float]:
+        params = self._params()
+        total = sum(getattr(m, n).numel() for m, n in params)
+        zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in params)
+        all_params = sum(p.numel() for n, p in self.model.named_parameters() if not n.endswith("_orig"))
+        all_params += sum(getattr(m, n).numel() for m, n in params if hasattr(m, f"{n}_orig"))
+        out = {"sparsity": zeros / total if total else 0.0, "zeros": zeros, "params": all_params - zeros}
+        if self.macs is not None:
+            out["macs"] = self.macs
+        return out
+
+    def max_fraction(self, key: str, target: float) -> float:
+        s = self.measure()["sparsity"]
+        if key == "sparsity" and s < target:
+            return (target - s) / (1.0 - s)
+        return 0.95

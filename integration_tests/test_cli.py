@@ -1,0 +1,190 @@
+"""The main job end to end: outputs, report schema, resume after kill -9, and bad configurations."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from classaware_plugin.cli.config import load_config
+from classaware_plugin.cli.main import main
+from classaware_plugin.core import ClassAwareError
+
+# A reduced budget: the default job with fewer epochs.
+FAST = ["training.epochs=4", "pruning.finetune_epochs=0.5", "pruning.target_macs_reduction=1.6", "pruning.max_steps=6"]
+
+
+def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "classaware_plugin.cli.main", *args], capture_output=True,
+                          text=True, cwd=cwd, env=env, timeout=600)
+
+
+def _sets(items):
+    out = []
+    for s in items:
+        out += ["--set", s]
+    return out
+
+
+M_KEYS = {"params", "macs", "accuracy", "fn", "fp", "auc", "latency_ms"}
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run") / "default"
+    assert main(["run", "--quiet", "--out", str(out), *_sets(FAST)]) == 0
+    return out
+
+
+def test_default_run_writes_every_output(default_run):
+    report = json.loads((default_run / "report.json").read_text())
+    for which in ("dense", "pruned"):
+        assert M_KEYS <= set(report[which]) and "validation" in report[which]
+        assert set(report[which]["fn"]) == {str(i) for i in range(10)}
+    c = report["constraint"]
+    assert c["important_classes"] == [3] and c["satisfied"] is True and {"abs_tol", "rel_tol"} <= set(c)
+    assert report["stop_reason"] in ("target_reached", "no_compliant_step", "step_budget", "nothing_left")
+    assert report["history"]
+    for r in report["history"]:
+        assert {"step", "params", "macs", "fn", "accuracy", "decision"} <= set(r)
+        assert r["decision"] in ("accept", "retry", "stop", "rollback")
+    # The pruned model is compliant on validation: FN within budget, recomputed from the report's own numbers.
+    v = report["pruned"]["validation"]["fn"]["3"]
+    assert v <= report["constraint"]["budget"]["3"]
+    assert report["pruned"]["macs"] <= report["dense"]["macs"]
+    md = (default_run / "report.md").read_text()
+    assert "(important)" in md and "Why it stopped" in md
+    assert (default_run / "config.yaml").is_file() and (default_run / "pruned.pt").is_file()
+
+
+def test_the_png_is_a_real_image(default_run):
+    from PIL import Image
+
+    with Image.open(default_run / "fn_vs_compression.png") as im:
+        assert im.format == "PNG" and im.size[0] > 800 and im.size[1] > 300
+        assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 10  # not blank
+
+
+def test_the_onnx_file_runs_in_onnxruntime(default_run):
+    import onnxruntime as ort
+
+    from classaware_plugin.export import load_model
+
+    model = load_model(default_run / "pruned.pt")
+    x = torch.randn(3, 1, 16, 16)
+    sess = ort.InferenceSession(str(default_run / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    out = sess.run(None, {"input": x.numpy()})[0]
+    assert out.shape == (3, 10)
+    assert np.abs(out - model(x).detach().numpy()).max() < 1e-4
+
+
+def test_evaluate_prints_the_per_class_table(default_run, capsys):
+    assert main(["evaluate", str(default_run / "pruned.pt"), "--config", str(default_run / "config.yaml"),
+                 "--important", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "accuracy" in out and "*3" in out
+
+
+def test_config_default_prints_a_valid_commented_configuration(capsys):
+    assert main(["config", "--default"]) == 0
+    text = capsys.readouterr().out
+    assert "#" in text and yaml.safe_load(text)["pruning"]["backend"] == "torch-pruning"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("pruning.strategy=fast", "Unknown configuration key 'pruning.strategy'. Allowed keys in pruning:"),
+        ("colour=blue", "Unknown configuration key 'colour'"),
+        ("pruning.backend=tensorrt", "'pruning.backend' configuration key must be one of 'torch-pruning', 'nni'"),
+        ("pruning.step=1.5", "'pruning.step' configuration key must be a number in the range (0.0, 1.0)"),
+        ("constraint.abs_tol=-1", "'constraint.abs_tol'"),
+        ("constraint.rel_tol=-0.5", "'constraint.rel_tol'"),
+        ("important_classes=[3,3]", "must not repeat"),
+        ("important_classes=[]", "non-empty list"),
+        ("data.name=cifar10", "'data.name' configuration key must be one of 'breast_cancer', 'digits'"),
+        ("pruning.score=snip", "'pruning.score'"),
+        ("data.keep_fraction=0", "'data.keep_fraction'"),
+        ("model.checkpoint=/nonexistent.pt", "'model.checkpoint' names '/nonexistent.pt'"),
+        ("data=3", "'data' must be a mapping"),
+    ],
+)
+def test_every_bad_configuration_is_refused_before_work(override, message):
+    with pytest.raises(ClassAwareError) as e:
+        load_config(None, [override])
+    assert message in str(e.value)
+
+
+def test_bad_class_and_model_are_refused_with_their_values(tmp_path, capsys):
+    assert main(["run", "--quiet", "--out", str(tmp_path / "a"), "--set", "important_classes=[12]"]) == 2
+    assert "12" in capsys.readouterr().err
+    assert main(["run", "--quiet", "--out", str(tmp_path / "b"), "--set", "important_classes=[melanoma]"]) == 2
+    assert "'melanoma'" in capsys.readouterr().err
+    assert main(["run", "--quiet", "--out", str(tmp_path / "c"), "--set", "model.name=vgg"]) == 2
+    assert "'vgg'" in capsys.readouterr().err
+
+
+def test_non_empty_run_directory_is_refused(default_run, capsys):
+    assert main(["run", "--quiet", "--out", str(default_run)]) == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_resume_after_kill_9_reaches_the_same_history(tmp_path):
+    args = _sets([*FAST, "pruning.max_steps=5"])
+    ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
+    ref = _cli("run", "--quiet", "--out", str(ref_dir), *args)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out",
+                             str(killed_dir), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = killed_dir / "state.pt"
+    deadline = time.time() + 300
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        if state.exists():
+            try:
+                s = torch.load(state, weights_only=False)
+            except Exception:  # noqa: BLE001 - being replaced right now; atomic rename means retry works
+                s = None
+            if s is not None and s["stage"] == "pruning" and len(s["controller"]["history"]) >= 2:
+                proc.send_signal(signal.SIGKILL)
+                killed_at = len(s["controller"]["history"])
+                break
+        time.sleep(0.05)
+    proc.wait()
+    assert killed_at is not None, "the run finished before it could be killed"
+    resumed = _cli("run", "--quiet", "--resume", str(killed_dir))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a = json.loads((ref_dir / "report.json").read_text())
+    b = json.loads((killed_dir / "report.json").read_text())
+    assert [(r["decision"], r["macs"], r["fn"], r["accuracy"]) for r in a["history"]] == \
+           [(r["decision"], r["macs"], r["fn"], r["accuracy"]) for r in b["history"]]
+    assert a["pruned"]["fn"] == b["pruned"]["fn"] and a["pruned"]["params"] == b["pruned"]["params"]
+
+
+def test_ctrl_c_leaves_a_resumable_directory_and_says_so(tmp_path):
+    out = tmp_path / "interrupted"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
+                             *_sets([*FAST, "pruning.max_steps=4"])], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not (out / "state.pt").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    if proc.returncode == 0:
+        pytest.fail("the run finished before Ctrl-C arrived")
+    assert proc.returncode == 130 and f"--resume {out}" in err
+    resumed = _cli("run", "--quiet", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["constraint"]["satisfied"] is True
