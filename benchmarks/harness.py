@@ -1,0 +1,182 @@
+"""Runs suites: trains (and caches) the dense model per seed, runs every method at every level, measures,
+appends one JSON row per (suite, method, level, seed) to results/raw.jsonl (a re-run skips rows already there)."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from classaware_plugin.cli.job import latency_ms
+from classaware_plugin.core import ClassDependentLoss, evaluate, set_quiet, train
+from classaware_plugin.data import load_dataset
+from classaware_plugin.export import atomic_save, export_onnx
+from classaware_plugin.models import build_model
+from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gradients, count_params_macs
+
+from .methods import CLASS_AWARE, STRUCTURED, UNSTRUCTURED, Context
+from .suites import QUICK, SUITES, Suite
+
+log = logging.getLogger("benchmarks")
+RESULTS = Path(__file__).parent / "results"
+CACHE = RESULTS / "cache"
+
+
+def _data(suite: Suite, seed: int):
+    d = suite.data
+    bundle = load_dataset(d.name, important=list(d.important), keep_fraction=d.keep_fraction, seed=seed, **d.kwargs)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed + 1))
+    calib = Subset(bundle.train, perm[: min(len(bundle.train), 8 * suite.batch_size)].tolist())
+    loaders = {
+        "train": DataLoader(bundle.train, batch_size=suite.batch_size, shuffle=True, generator=g),
+        "generator": g,
+        "calib": DataLoader(calib, batch_size=suite.batch_size),
+        "val": DataLoader(bundle.val, batch_size=512),
+        "test": DataLoader(bundle.test, batch_size=512),
+    }
+    return bundle, loaders
+
+
+def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tuple[nn.Module, dict, dict, float]:
+    path = CACHE / f"{suite.data.name}_{suite.model}_{seed}_{suite.dense_epochs}.pt"
+    if path.exists():
+        blob = torch.load(path, weights_only=False)
+        return blob["model"], blob["init"], blob["early"], blob["seconds"]
+    torch.manual_seed(seed)
+    model = build_model(suite.model, bundle.num_classes, bundle.input_shape, **suite.model_kwargs)
+    init = copy.deepcopy(model.state_dict())
+    loss = ClassDependentLoss(list(suite.data.important), class_counts=bundle.train_counts, rank_weight=suite.rank_weight)
+    t = time.time()
+    train(model, loaders["train"], loss, epochs=1, lr=suite.lr, progress=False)
+    early = copy.deepcopy(model.state_dict())
+    if suite.dense_epochs > 1:
+        train(model, loaders["train"], loss, epochs=suite.dense_epochs - 1, lr=suite.lr, progress=False)
+    seconds = time.time() - t
+    atomic_save({"model": model.eval(), "init": init, "early": early, "seconds": seconds}, path)
+    return model, init, early, seconds
+
+
+def measure(model: nn.Module, ctx: Context, unstructured: bool, dense_macs: int) -> dict[str, Any]:
+    ev = evaluate(model, ctx.loaders["test"], ctx.important, ctx.num_classes)
+    c = ctx.important[0]
+    ex = torch.zeros(1, *ctx.input_shape)
+    params, macs = count_params_macs(model, ex)
+    zeros = sum(int((p == 0).sum()) for p in model.parameters())
+    x64 = torch.randn(64, *ctx.input_shape)
+    row = {
+        "fn": ev.fn[c], "fn_rate": ev.fn[c] / max(ev.support[c], 1), "fp": ev.fp[c], "accuracy": ev.accuracy,
+        "auc": ev.auc[c], "ap": ev.ap[c], "params": params - zeros if unstructured else params,
+        "macs": macs if not unstructured else dense_macs,
+        "latency_ms_b1": latency_ms(model, ex), "latency_ms_b64": latency_ms(model, x64, repeats=10),
+    }
+    import onnxruntime as ort
+
+    onnx_path = CACHE / "tmp.onnx"
+    row["onnx_max_abs_diff"] = export_onnx(model, x64[:4], onnx_path)
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    for b, x in ((1, ex), (64, x64)):
+        feed = {"input": x.numpy()}
+        for _ in range(3):
+            sess.run(None, feed)
+        ts = []
+        for _ in range(10 if b == 64 else 30):
+            t = time.perf_counter()
+            sess.run(None, feed)
+            ts.append((time.perf_counter() - t) * 1000)
+        row[f"onnx_latency_ms_b{b}"] = float(np.median(ts))
+    return row
+
+
+def score_seconds(ctx: Context, method: str, structured: bool) -> float | None:
+    """Time of one scoring pass of a data-driven score on the calibration batches (dense model)."""
+    model = copy.deepcopy(ctx.dense)
+    if structured and method in ("ours_taylor", "tp_taylor"):
+        DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *ctx.input_shape))
+        last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+        groups = list(DG.get_all_groups(ignored_layers=[last], root_module_types=[nn.Conv2d, nn.Linear]))
+        t = time.perf_counter()
+        if method == "ours_taylor":
+            imp = ClassAwareImportance(ctx.important, num_classes=ctx.num_classes).collect(model, ctx.loaders["calib"])
+        else:
+            imp = tp.importance.GroupTaylorImportance()
+            accumulate_gradients(model, ctx.loaders["calib"])
+        for g in groups:
+            imp(g)
+        return time.perf_counter() - t
+    return None
+
+
+def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
+    raw = out / "raw.jsonl"
+    done = set()
+    if raw.exists():
+        for line in raw.read_text().splitlines():
+            r = json.loads(line)
+            done.add((r["suite"], r["method"], r["level"], r["seed"]))
+    methods = STRUCTURED if suite.regime == "structured" else UNSTRUCTURED
+    rows = []
+    for seed in suite.seeds:
+        bundle, loaders = _data(suite, seed)
+        dense, init, early, dense_seconds = _dense(suite, seed, bundle, loaders)
+        ctx = Context(suite, seed, dense, init, early, loaders, bundle.num_classes, bundle.input_shape, bundle.train_counts)
+        dense_macs = count_params_macs(dense, torch.zeros(1, *bundle.input_shape))[1]
+        key = (suite.name, "dense", 0.0, seed)
+        if key not in done:
+            row = {"suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
+                   "method": "dense", "level": 0.0, "seed": seed, "class_aware": None,
+                   "train_seconds": dense_seconds, **measure(dense, ctx, False, dense_macs)}
+            _append(raw, row)
+            rows.append(row)
+        for method in suite.methods:
+            for level in suite.levels:
+                if (suite.name, method, level, seed) in done:
+                    continue
+                torch.manual_seed(seed)
+                t = time.time()
+                log.info("%s seed %d: %s at %s", suite.name, seed, method, level)
+                model, info = methods[method](ctx, level)
+                row = {
+                    "suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
+                    "level": level, "level_kind": "macs_reduction" if suite.regime == "structured" else "sparsity",
+                    "method": method, "class_aware": method in CLASS_AWARE, "seed": seed,
+                    "seconds": time.time() - t, **info,
+                    **measure(model, ctx, suite.regime == "unstructured", dense_macs),
+                    "score_seconds": score_seconds(ctx, method, suite.regime == "structured"),
+                }
+                _append(raw, row)
+                rows.append(row)
+    return rows
+
+
+def _append(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def suites_for(names: list[str] | None, quick: bool) -> list[Suite]:
+    if quick:
+        return [replace(SUITES[n], **QUICK[n]) for n in (names or list(QUICK))]
+    from .suites import FULL
+
+    return [SUITES[n] for n in (names or list(FULL))]
+
+
+def run(names: list[str] | None, quick: bool, out: Path = RESULTS) -> None:
+    set_quiet(True)
+    CACHE.mkdir(parents=True, exist_ok=True)
+    for suite in suites_for(names, quick):
+        t = time.time()
+        run_suite(suite, out)
+        log.info("suite %s done in %.0f s", suite.name, time.time() - t)

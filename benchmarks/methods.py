@@ -1,0 +1,201 @@
+"""Every benchmarked method as a function ``(ctx, level) -> (pruned model, info)``.
+
+All methods start from the same dense model, use the same fine-tuning loss and the same fine-tune budget per
+pruning step, and the same step schedule (structured: 20% of the remaining channels per step; unstructured:
+50% of the remaining weights per step, the paper's rate), so only the importance score and the stopping rule
+differ. ``*_fn`` methods add the FN-constrained stopping rule, ``*_cal`` decision calibration.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch_pruning as tp
+from torch import nn
+
+from classaware_plugin.core import (
+    ClassDependentLoss,
+    FNConstrainedPruning,
+    FNConstraint,
+    RewindSnapshot,
+    calibrate,
+    evaluate,
+    make_score,
+    train,
+)
+from classaware_plugin.core.modelstate import restore_module, snapshot_module
+from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, make_permanent
+from classaware_plugin.unstructured_backend import UnstructuredBackend
+
+# The FN rule used by every *_fn method: FN_c <= FN_c(dense) + max(1, ceil(0.1 FN_c(dense))), accuracy drop <= 3 points.
+FN_RULE = dict(abs_tol=1, rel_tol=0.1, max_accuracy_drop=0.03)
+
+
+@dataclass
+class Context:
+    suite: Any
+    seed: int
+    dense: nn.Module
+    init_state: dict[str, torch.Tensor]        # weights at initialisation (lottery-ticket rewind point)
+    early_state: dict[str, torch.Tensor]       # weights after the first dense epoch (late rewinding)
+    loaders: dict[str, Any]
+    num_classes: int
+    input_shape: tuple[int, ...]
+    train_counts: list[int]
+
+    @property
+    def important(self) -> list[int]:
+        return list(self.suite.data.important)
+
+    def loss(self, class_dependent: bool = True) -> nn.Module:
+        if not class_dependent:
+            return nn.CrossEntropyLoss()
+        return ClassDependentLoss(self.important, class_counts=self.train_counts, rank_weight=self.suite.rank_weight)
+
+    def finetuner(self, epochs: float, class_dependent: bool = True, after: Callable[[nn.Module], None] | None = None):
+        loss = self.loss(class_dependent)
+        counter = {"k": 0}
+
+        def finetune(m: nn.Module) -> None:
+            counter["k"] += 1
+            torch.manual_seed(self.seed * 7919 + counter["k"])
+            self.loaders["generator"].manual_seed(self.seed * 7919 + counter["k"])  # same shuffles for every method
+            if after is not None:
+                after(m)
+            train(m, self.loaders["train"], loss, epochs=epochs, lr=self.suite.lr / 2, progress=False)
+
+        return finetune
+
+
+def _constraint(ctx: Context, fn_rule: bool) -> FNConstraint:
+    if fn_rule:
+        return FNConstraint(ctx.important, **FN_RULE)
+    return FNConstraint(ctx.important, abs_tol=10**9, max_accuracy_drop=None)  # never binds: plain schedule
+
+
+def _run(ctx: Context, backend: Any, level: float, key: str, step: float, fn_rule: bool, max_steps: int = 40):
+    loop = FNConstrainedPruning(backend, _constraint(ctx, fn_rule), target=level, target_key=key, step=step,
+                                max_halvings=3 if fn_rule else 0, max_steps=max_steps)
+    res = loop.run()
+    return res
+
+
+def _finish(ctx: Context, model: nn.Module, res: Any, calibrate_after: bool) -> tuple[nn.Module, dict[str, Any]]:
+    make_permanent(model)
+    info: dict[str, Any] = {"stop_reason": res.stop_reason, "attempts": len(res.history),
+                            "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
+    if calibrate_after:
+        dense_val = evaluate(ctx.dense, ctx.loaders["val"], ctx.important)
+        cal = calibrate(model, ctx.loaders["val"], ctx.important, {c: dense_val.fn[c] for c in ctx.important})
+        info["calibration_shift"] = {str(c): s for c, s in cal.shifts.items()}
+    return model, info
+
+
+# ----------------------------------------------------------------------------- structured (Torch-Pruning)
+class _RewindingTP(TorchPruningBackend):
+    """For the magnitude-increase score: after each prune, the rewind point w_0 becomes the post-prune weights,
+    so the next step scores |w_T| - |w_0| over the fine-tuning that followed."""
+
+    def prune(self, fraction: float) -> None:
+        super().prune(fraction)
+        self.importance.set_rewind_point(self.model)
+
+    def snapshot(self) -> Any:
+        return snapshot_module(self.model), self.importance.score.snapshot
+
+    def restore(self, state: Any) -> None:
+        restore_module(self.model, state[0])
+        self.importance.score.snapshot = state[1]
+
+
+def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours"):
+    def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
+        model = copy.deepcopy(ctx.dense)
+        cls = TorchPruningBackend
+        if importance == "tp_magnitude":
+            imp = tp.importance.GroupMagnitudeImportance(p=2)
+        elif importance == "tp_taylor":
+            imp = tp.importance.GroupTaylorImportance()
+        else:
+            imp = ClassAwareImportance(ctx.important, score=score, num_classes=ctx.num_classes)
+            if score == "magnitude_increase":
+                init = copy.deepcopy(model)
+                init.load_state_dict(ctx.init_state)
+                imp.set_rewind_point(init)  # first step: w_0 = initialisation, as in the paper
+                cls = _RewindingTP
+        backend = cls(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
+                      calib_loader=ctx.loaders["calib"], finetune=ctx.finetuner(ctx.suite.finetune_epochs))
+        res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
+        return _finish(ctx, model, res, cal)
+
+    return method
+
+
+# ----------------------------------------------------------------------------- unstructured (torch.nn.utils.prune)
+class _LotteryBackend(UnstructuredBackend):
+    """Iterative magnitude pruning with rewinding: after each prune the survivors go back to the rewind point."""
+
+    def __init__(self, *a: Any, rewind_state: dict[str, torch.Tensor], **kw: Any) -> None:
+        super().__init__(*a, **kw)
+        self.rewind_state = rewind_state
+
+    def prune(self, fraction: float) -> None:
+        super().prune(fraction)
+        with torch.no_grad():
+            own = self.model.state_dict()
+            for k, v in self.rewind_state.items():
+                target = k if k in own else None
+                if target is None and k.endswith(("weight", "bias")):
+                    target = f"{k}_orig" if f"{k}_orig" in own else None
+                if target is not None:
+                    own[target].copy_(v)
+
+
+def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_dependent: bool = True,
+                 one_shot: bool = False):
+    def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
+        model = copy.deepcopy(ctx.dense)
+        kw: dict[str, Any] = {}
+        if score == "taylor":
+            kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes)
+        elif score == "snip":
+            kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes, omega=1.0, normalization="none")
+        s = make_score("taylor" if score == "snip" else score, **kw)
+        if score == "magnitude_increase":
+            s.snapshot = RewindSnapshot(ctx.early_state)
+        rounds = max(1, math.ceil(math.log(1 - level) / math.log(0.5)))
+        epochs = ctx.suite.finetune_epochs * (rounds if one_shot else 1)
+        fin = ctx.finetuner(epochs, class_dependent=class_dependent)
+        common = dict(calib_loader=ctx.loaders["calib"], finetune=fin)
+        if rewind:
+            backend = _LotteryBackend(model, s, ctx.loaders["val"], ctx.important, rewind_state=ctx.early_state, **common)
+        else:
+            backend = UnstructuredBackend(model, s, ctx.loaders["val"], ctx.important, **common)
+        res = _run(ctx, backend, level, "sparsity", 0.99 if one_shot else 0.5, fn_rule)
+        return _finish(ctx, model, res, False)
+
+    return method
+
+
+STRUCTURED = {
+    "ours_taylor": structured("taylor", False, False),
+    "ours_taylor_fn": structured("taylor", True, False),
+    "ours_taylor_cal": structured("taylor", False, True),
+    "ours_taylor_fn_cal": structured("taylor", True, True),
+    "ours_magnitude_increase": structured("magnitude_increase", False, False),
+    "tp_magnitude": structured("", False, False, importance="tp_magnitude"),
+    "tp_taylor": structured("", False, False, importance="tp_taylor"),
+}
+UNSTRUCTURED = {
+    "ours_taylor": unstructured("taylor"),
+    "ours_taylor_fn": unstructured("taylor", fn_rule=True),
+    "magnitude": unstructured("magnitude"),
+    "lottery_ticket": unstructured("magnitude", rewind=True, class_dependent=False),
+    "paper_faithful": unstructured("magnitude_increase", rewind=True, class_dependent=True),
+    "snip": unstructured("snip", one_shot=True, class_dependent=False),
+}
+CLASS_AWARE = {"ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
+               "paper_faithful"}

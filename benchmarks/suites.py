@@ -1,0 +1,66 @@
+"""The protocol: which data, models, methods, compression levels and seeds each suite runs."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    name: str                      # classaware_plugin.data name
+    important: tuple[int, ...]
+    keep_fraction: float           # of the important classes' training samples
+    kwargs: dict = field(default_factory=dict)
+    label: str = ""
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    data: DataSpec
+    model: str
+    model_kwargs: dict
+    regime: str                    # structured | unstructured
+    levels: tuple[float, ...]      # MACs reduction (structured) or sparsity (unstructured)
+    methods: tuple[str, ...]
+    seeds: tuple[int, ...]
+    dense_epochs: float
+    finetune_epochs: float         # per pruning step; every method has the same schedule and budget
+    lr: float = 2e-3
+    rank_weight: float = 1.0
+    batch_size: int = 128
+
+
+FASHION = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 12000}, "Fashion-MNIST, Shirt rare (10%), 12k train")
+DIGITS = DataSpec("digits", (3,), 0.2, {"image_size": 16}, "digits 16x16, '3' rare (20%)")
+CANCER = DataSpec("breast_cancer", (0,), 0.5, {}, "breast cancer, malignant important (50% kept)")
+
+STRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
+                      "tp_magnitude", "tp_taylor")
+UNSTRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "magnitude", "lottery_ticket", "paper_faithful", "snip")
+
+SUITES: dict[str, Suite] = {
+    # Issue 3's comparison: the three Torch-Pruning estimators at 2x MACs, 3 seeds.
+    "tp_fashion": Suite("tp_fashion", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0,),
+                        ("ours_taylor", "tp_taylor", "tp_magnitude"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
+    "fashion_structured": Suite("fashion_structured", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
+                                (1.5, 2.0, 3.0), STRUCTURED_METHODS, (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
+    "fashion_mobilenet": Suite("fashion_mobilenet", FASHION, "mobilenet_v2", {"width_mult": 0.35}, "structured",
+                               (1.5, 2.0, 3.0), ("ours_taylor", "ours_taylor_fn", "tp_magnitude", "tp_taylor"), (0, 1, 2),
+                               dense_epochs=4, finetune_epochs=0.5),
+    "cancer_unstructured": Suite("cancer_unstructured", CANCER, "mlp", {"hidden": (64, 32)}, "unstructured",
+                                 (0.8, 0.9, 0.95, 0.98, 0.99), UNSTRUCTURED_METHODS, (0, 1, 2), dense_epochs=60,
+                                 finetune_epochs=10, lr=3e-3, batch_size=32),
+    "digits_structured": Suite("digits_structured", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
+                               (1.5, 2.0, 3.0), STRUCTURED_METHODS, (0, 1, 2), dense_epochs=15, finetune_epochs=1.0,
+                               batch_size=64),
+    "digits_unstructured": Suite("digits_unstructured", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "unstructured",
+                                 (0.8, 0.9, 0.95, 0.98, 0.99), UNSTRUCTURED_METHODS, (0, 1, 2), dense_epochs=15,
+                                 finetune_epochs=1.0, batch_size=64),
+}
+
+QUICK = {
+    "digits_structured": dict(levels=(2.0,), seeds=(0,)),
+    "cancer_unstructured": dict(levels=(0.9, 0.98), seeds=(0,)),
+    "digits_unstructured": dict(levels=(0.9,), seeds=(0,), methods=("ours_taylor", "magnitude", "snip")),
+}
+FULL = ("fashion_structured", "fashion_mobilenet", "cancer_unstructured", "digits_structured", "digits_unstructured")

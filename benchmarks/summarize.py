@@ -1,0 +1,117 @@
+"""raw.jsonl -> summary.json (means and standard deviations over seeds), tables.md and one plot per suite."""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("fn", "fn_rate", "fp", "accuracy", "auc", "ap", "params", "macs", "latency_ms_b1", "latency_ms_b64",
+          "onnx_latency_ms_b1", "onnx_latency_ms_b64", "score_seconds", "reached")
+
+
+def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    v = [float(x) for x in values if x is not None]
+    if not v:
+        return None, None
+    return float(np.mean(v)), float(np.std(v))
+
+
+def summarize(out: Path) -> dict[str, Any] | None:
+    raw = out / "raw.jsonl"
+    if not raw.exists():
+        return None
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    dense: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        if r["method"] == "dense":
+            dense[r["suite"]].append(r)
+        else:
+            groups[(r["suite"], r["dataset"], r["model"], r["regime"], r["level"], r["level_kind"], r["method"],
+                     r["class_aware"])].append(r)
+    summary_rows = []
+    for (suite, dataset, model, regime, level, kind, method, aware), rs in sorted(groups.items(), key=lambda kv: kv[0][:7]):
+        row: dict[str, Any] = {"suite": suite, "dataset": dataset, "model": model, "regime": regime, "level": level,
+                               "level_kind": kind, "method": method, "class_aware": aware, "seeds": len(rs)}
+        for f in FIELDS:
+            m, s = _mean_std([r.get(f) for r in rs])
+            row[f"{f}_mean"], row[f"{f}_std"] = m, s
+        row["latency_ms_b1"] = row["latency_ms_b1_mean"]
+        row["stop_reasons"] = sorted({r.get("stop_reason") for r in rs if r.get("stop_reason")})
+        summary_rows.append(row)
+    dense_summary = {}
+    for suite, rs in dense.items():
+        d = {"dataset": rs[0]["dataset"], "model": rs[0]["model"], "seeds": len(rs)}
+        for f in FIELDS:
+            d[f"{f}_mean"], d[f"{f}_std"] = _mean_std([r.get(f) for r in rs])
+        dense_summary[suite] = d
+    summary = {"rows": summary_rows, "dense": dense_summary}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out / "tables.md").write_text(tables(summary))
+    plots(summary, out)
+    return summary
+
+
+def _f(x: Any, digits: int = 1) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def tables(summary: dict[str, Any]) -> str:
+    out = []
+    by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in summary["rows"]:
+        by_suite[r["suite"]].append(r)
+    for suite, rs in by_suite.items():
+        d = summary["dense"].get(suite, {})
+        kind = rs[0]["level_kind"]
+        out += [f"### {suite}: {rs[0]['dataset']}, {rs[0]['model']}, {rs[0]['regime']}", "",
+                f"Dense: important-class FN {_f(d.get('fn_mean'))} ± {_f(d.get('fn_std'))}, accuracy "
+                f"{_f(100 * d['accuracy_mean'] if d.get('accuracy_mean') is not None else None)}%, AUC {_f(d.get('auc_mean'), 4)}, "
+                f"params {_f(d.get('params_mean'), 0)}, MACs {_f(d.get('macs_mean'), 0)} ({d.get('seeds', 0)} seeds).", "",
+                f"| {kind} | method | class-aware | seeds | FN (test) | FP | accuracy % | AUC | AP | params | MACs | reached | "
+                "latency b1 ms (torch / ORT) | score s | stop |",
+                "|---:|---|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for r in sorted(rs, key=lambda r: (r["level"], r["method"])):
+            out.append(
+                f"| {r['level']} | {r['method']} | {'yes' if r['class_aware'] else 'no'} | {r['seeds']} | "
+                f"{_f(r['fn_mean'])} ± {_f(r['fn_std'])} | {_f(r['fp_mean'])} | {_f(100 * r['accuracy_mean'])} | "
+                f"{_f(r['auc_mean'], 4)} | {_f(r['ap_mean'], 3)} | {_f(r['params_mean'], 0)} | {_f(r['macs_mean'], 0)} | "
+                f"{_f(r['reached_mean'], 2)} | {_f(r['latency_ms_b1_mean'], 2)} / {_f(r['onnx_latency_ms_b1_mean'], 2)} | "
+                f"{_f(r['score_seconds_mean'], 3)} | {', '.join(r['stop_reasons'])} |"
+            )
+        out.append("")
+    return "\n".join(out)
+
+
+def plots(summary: dict[str, Any], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    by_suite: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in summary["rows"]:
+        by_suite[r["suite"]].append(r)
+    for suite, rs in by_suite.items():
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        methods = sorted({r["method"] for r in rs})
+        for m in methods:
+            pts = sorted((r for r in rs if r["method"] == m), key=lambda r: r["level"])
+            xs = [r["level"] for r in pts]
+            style = "-o" if pts[0]["class_aware"] else "--s"
+            axes[0].errorbar(xs, [r["fn_mean"] for r in pts], yerr=[r["fn_std"] or 0 for r in pts], fmt=style, label=m, capsize=3)
+            axes[1].plot(xs, [100 * r["accuracy_mean"] for r in pts], style, label=m)
+        d = summary["dense"].get(suite)
+        if d:
+            axes[0].axhline(d["fn_mean"], color="k", ls=":", label="dense")
+            axes[1].axhline(100 * d["accuracy_mean"], color="k", ls=":")
+        kind = rs[0]["level_kind"].replace("_", " ")
+        axes[0].set(xlabel=kind, ylabel="important-class FN (test, mean ± sd)", title=f"{suite}: false negatives")
+        axes[1].set(xlabel=kind, ylabel="accuracy % (test)", title=f"{suite}: accuracy")
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"{suite}_fn.png", dpi=100)
+        plt.close(fig)
