@@ -262,6 +262,8 @@ class Job:
         if state is None or state["stage"] == "pruning":
             loop.run(dense=dense_val)
             make_permanent(model)  # unstructured masks baked into plain weights (no-op for structured)
+            if hasattr(backend, "finalize"):
+                backend.finalize()  # NNI: ModelSpeedup removes the masked channels
             self._checkpoint(model, loop, "pruned")
             state = {"stage": "pruned"}
         # Step 5: decision calibration (validation only), before export so it survives in every file.

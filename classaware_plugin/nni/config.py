@@ -1,0 +1,143 @@
+"""NNI config_list handling: camelCase keys, checks that turn NNI's silent failures into errors, and the
+automatic BatchNorm alignment and residual dependency groups of structured pruning."""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core._validation import ClassAwareError
+
+CONFIG_KEYS = (
+    "op_types", "op_names", "op_names_re", "exclude_op_names", "exclude_op_types", "exclude_op_names_re",
+    "sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_sparse_ratio", "global_group_id",
+    "dependency_group_id", "granularity", "align", "target_names", "target_settings", "apply_method", "fuse_names",
+)
+_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def snake(key: str) -> str:
+    """``opTypes`` -> ``op_types`` (snake_case keys pass through)."""
+    return re.sub(r"(?<=[a-z0-9])([A-Z])", r"_\1", key).lower()
+
+
+def normalize_keys(obj: Any, keep: Sequence[str] = ("target_settings",)) -> Any:
+    """Recursively snake_case the keys of mappings (names of targets inside target_settings are kept)."""
+    if isinstance(obj, Mapping):
+        out = {}
+        for k, v in obj.items():
+            key = snake(k) if isinstance(k, str) else k
+            if key in keep and isinstance(v, Mapping):
+                out[key] = {tk: normalize_keys(tv) for tk, tv in v.items()}
+            else:
+                out[key] = normalize_keys(v)
+        return out
+    if isinstance(obj, list):
+        return [normalize_keys(v) for v in obj]
+    return obj
+
+
+def _suggest(name: str, options: Sequence[str]) -> str:
+    close = difflib.get_close_matches(name, list(options), n=3)
+    return f" Did you mean {close}?" if close else ""
+
+
+def validate_config_list(model: nn.Module, config_list: Any) -> list[dict[str, Any]]:
+    """Normalise and check ``config_list``; raise where NNI would fail silently or obscurely."""
+    if not isinstance(config_list, list) or not config_list:
+        raise ClassAwareError(f"The 'config_list' parameter must be a non-empty list of dicts. Got {config_list!r}.")
+    names = [n for n, _ in model.named_modules() if n]
+    types = sorted({type(m).__name__ for m in model.modules()})
+    out = []
+    for i, raw in enumerate(config_list):
+        if not isinstance(raw, Mapping):
+            raise ClassAwareError(f"config_list[{i}] must be a dict. Got {raw!r}.")
+        cfg = normalize_keys(dict(raw))
+        unknown = sorted(set(cfg) - set(CONFIG_KEYS))
+        if unknown:
+            raise ClassAwareError(
+                f"config_list[{i}] has unknown key(s) {unknown}. Allowed keys: {', '.join(CONFIG_KEYS)}."
+            )
+        for key in ("op_types", "exclude_op_types"):
+            for t in cfg.get(key, []) or []:
+                if t not in types:
+                    raise ClassAwareError(
+                        f"config_list[{i}]['{key}'] holds {t!r}, which matches no module of the model (NNI would "
+                        f"silently prune nothing). The model's module types: {types}.{_suggest(t, types)}"
+                    )
+        for key in ("op_names", "exclude_op_names"):
+            for n in cfg.get(key, []) or []:
+                if n not in names:
+                    raise ClassAwareError(
+                        f"config_list[{i}]['{key}'] names {n!r}, which is not a module of the model.{_suggest(n, names)}"
+                    )
+        if "sparse_ratio" in cfg:
+            r = cfg["sparse_ratio"]
+            if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:
+                raise ClassAwareError(
+                    f"config_list[{i}]['sparse_ratio'] must be a number in the open range (0, 1). Got {r!r}."
+                )
+            cfg["sparse_ratio"] = float(r)
+        if "global_group_id" in cfg and "max_sparse_ratio" in cfg:
+            raise ClassAwareError(
+                f"config_list[{i}] sets both 'global_group_id' and 'max_sparse_ratio': NNI 3.0 ignores "
+                "max_sparse_ratio in global mode and may prune a layer to 100%. Drop one of the two."
+            )
+        out.append(cfg)
+    return out
+
+
+def selected_modules(model: nn.Module, cfg: dict[str, Any]) -> dict[str, nn.Module]:
+    from nni.compression.base.config import select_modules_by_config
+
+    return select_modules_by_config(model, cfg)[0]
+
+
+def trace(model: nn.Module) -> torch.fx.GraphModule:
+    try:
+        return torch.fx.symbolic_trace(model)
+    except Exception as e:  # noqa: BLE001
+        raise ClassAwareError(f"torch.fx could not trace {type(model).__name__} to find channel dependencies: {e}") from e
+
+
+def batchnorm_alignment(model: nn.Module, config_list: list[dict[str, Any]], graph: torch.fx.GraphModule) -> list[dict[str, Any]]:
+    """Config entries that prune each BatchNorm exactly as the conv that feeds it (channel-wise).
+
+    Without them NNI's masked model and the sped-up model disagree (max abs diff 0.585 on ResNet-18).
+    """
+    structured = {}
+    for cfg in config_list:
+        if cfg.get("granularity") == "out_channel":
+            structured.update(selected_modules(model, cfg))
+    modules = dict(model.named_modules())
+    extra = []
+    for node in graph.graph.nodes:
+        if node.op != "call_module" or not isinstance(modules.get(node.target), _NORMS):
+            continue
+        src = node.args[0] if node.args else None
+        if getattr(src, "op", None) == "call_module" and src.target in structured:
+            align = {"align": {"module_name": src.target, "target_name": "weight", "dims": [0]}, "granularity": "out_channel"}
+            extra.append({"op_names": [node.target], "target_names": ["weight", "bias"],
+                          "target_settings": {"weight": dict(align), "bias": dict(align)}})
+    return extra
+
+
+def prepare_config_list(model: nn.Module, config_list: Any, align_batchnorm: bool = True,
+                        dependency_groups: bool = True) -> list[dict[str, Any]]:
+    """Validate, add residual dependency groups (NNI's fx analysis) and BatchNorm alignment entries."""
+    cfgs = validate_config_list(model, config_list)
+    if not any(c.get("granularity") == "out_channel" for c in cfgs):
+        return cfgs
+    graph = trace(model)
+    if dependency_groups and not any("dependency_group_id" in c for c in cfgs):
+        from nni.compression.speedup.dependency import auto_set_denpendency_group_ids
+
+        cfgs = auto_set_denpendency_group_ids(graph, copy.deepcopy(cfgs))
+    if align_batchnorm:
+        cfgs = cfgs + batchnorm_alignment(model, cfgs, graph)
+    return cfgs

@@ -1,0 +1,33 @@
+"""Masks on disk (loadable with torch.load's default weights_only=True) and one-call speed-up."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..export import atomic_save
+from ._compat import bake_masks
+
+
+def save_masks(masks: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike[str]) -> None:
+    """Plain nested dicts of tensors, written atomically."""
+    atomic_save({m: {t: v.detach().cpu().clone() for t, v in d.items()} for m, d in masks.items()}, path)
+
+
+def load_masks(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict[str, dict[str, Any]]) -> nn.Module:
+    """Bake ``masks`` into the weights, then NNI's ModelSpeedup (with this package's fixes) removes the pruned
+    channels. Element-wise masks stay as zeros in the weights (NNI cannot shrink them)."""
+    from nni.compression.speedup import ModelSpeedup
+
+    was = model.training
+    model.eval()
+    bake_masks(model, masks)
+    ModelSpeedup(model, dummy_input, masks).speedup_model()
+    model.train(was)
+    return model

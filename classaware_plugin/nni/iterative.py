@@ -1,0 +1,136 @@
+"""FN-constrained iterative structured pruning with NNI: masks are the state, speed-up at the end.
+
+Step n raises the sparse ratio of the config_list to ``r + (1 - r) * fraction``, runs ``ClassAwarePruner`` on
+calibration batches, bakes the masks into the weights (pruned filters and their BatchNorm become exactly 0, so
+they also score lowest at the next step) and fine-tunes with the masks held at zero. A rejected step restores
+the model copy, the masks and the ratio. ``finalize()`` runs NNI's ModelSpeedup on the last compliant state.
+"""
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..core.controller import NothingToPrune
+from ..core.metrics import Evaluation, evaluate
+from ..core.modelstate import restore_module, snapshot_module
+from ._compat import bake_masks, silenced
+from .io import speedup
+from .pruner import ClassAwarePruner
+
+
+def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
+    from ..torch_pruning.iterative import count_params_macs  # MACs via torch_pruning.utils.count_ops_and_params
+
+    return count_params_macs(model, example)
+
+
+class NNIBackend:
+    def __init__(
+        self,
+        model: nn.Module,
+        example_inputs: torch.Tensor,
+        val_loader: Iterable[Any],
+        important_classes: Sequence[int],
+        calib_loader: Iterable[Any],
+        finetune: Callable[[nn.Module], None] | None,
+        config_list: list[dict[str, Any]] | None = None,
+        pruner_kwargs: dict[str, Any] | None = None,
+        calib_batches: int | None = None,
+    ) -> None:
+        self.model = model
+        self.example_inputs = example_inputs
+        self.val_loader = val_loader
+        self.important_classes = list(important_classes)
+        self.calib_loader = calib_loader
+        self._finetune = finetune
+        self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
+        self.pruner_kwargs = dict(pruner_kwargs or {})
+        self.calib_batches = calib_batches
+        self.masks: dict[str, dict[str, torch.Tensor]] = {}
+        self.ratio = 0.0
+        self.dense_params, self.dense_macs = _count(model, example_inputs)
+        self._measured: tuple[float, dict[str, float]] | None = None
+
+    @classmethod
+    def from_config(cls, model, example, cfg, important, loaders, finetune, score_kw):  # type: ignore[no-untyped-def]
+        """The CLI's construction: every Conv2d pruned by filters, the classifier left alone."""
+        p = cfg["pruning"]
+        kw = {k: v for k, v in score_kw.items() if k not in ("important_classes",)}
+        return cls(model, example, loaders["val"], important, loaders["calib"], finetune,
+                   pruner_kwargs={"score": p["score"], **kw}, calib_batches=p["calib_batches"])
+
+    # ----------------------------------------------------------------- backend interface
+    def prune(self, fraction: float) -> None:
+        ratio = self.ratio + (1.0 - self.ratio) * fraction
+        if ratio >= 0.999:
+            raise NothingToPrune()
+        config = [dict(c, sparse_ratio=float(ratio)) for c in self.config_list]
+        pruner = ClassAwarePruner(self.model, config, important_classes=self.important_classes,
+                                  calib_loader=self.calib_loader, max_batches=self.calib_batches, **self.pruner_kwargs)
+        _, masks = pruner.compress()
+        with silenced():
+            pruner.unwrap_model()
+        bake_masks(self.model, masks)
+        self.masks, self.ratio = masks, ratio
+        self._measured = None
+
+    def finetune(self) -> None:
+        if self._finetune is None:
+            return
+        modules = dict(self.model.named_modules())
+        handles = []
+        for name, targets in self.masks.items():
+            module = modules[name]
+
+            def hold(mod: nn.Module, _inputs: Any, targets: dict[str, torch.Tensor] = targets) -> None:
+                with torch.no_grad():
+                    for t, mask in targets.items():
+                        getattr(mod, t).mul_(mask)
+
+            handles.append(module.register_forward_pre_hook(hold))
+        try:
+            self._finetune(self.model)
+        finally:
+            for h in handles:
+                h.remove()
+            bake_masks(self.model, self.masks)
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.val_loader, self.important_classes)
+
+    def snapshot(self) -> Any:
+        return snapshot_module(self.model), copy.deepcopy(self.masks), self.ratio
+
+    def restore(self, state: Any) -> None:
+        restore_module(self.model, state[0])
+        self.masks, self.ratio = copy.deepcopy(state[1]), state[2]
+        self._measured = None
+
+    def measure(self) -> dict[str, float]:
+        """Params and MACs of the model NNI's speed-up would produce from the current masks."""
+        if self._measured is None or self._measured[0] != self.ratio:
+            if self.masks:
+                fast = speedup(copy.deepcopy(self.model), self.example_inputs, self.masks)
+                params, macs = _count(fast, self.example_inputs)
+            else:
+                params, macs = self.dense_params, self.dense_macs
+            self._measured = (self.ratio, {"params": params, "macs": macs, "sparse_ratio": self.ratio,
+                                           "macs_reduction": self.dense_macs / max(macs, 1),
+                                           "params_reduction": self.dense_params / max(params, 1)})
+        return dict(self._measured[1])
+
+    def max_fraction(self, key: str, target: float) -> float:
+        m = self.measure()
+        if key in ("macs_reduction", "params_reduction") and m[key] < target:
+            return min(0.95, max(1e-3, 1.0 - (m[key] / target) ** 0.5))
+        return 0.95
+
+    def finalize(self) -> nn.Module:
+        """Remove the pruned channels for real (NNI ModelSpeedup, fixed for current torch)."""
+        if self.masks:
+            speedup(self.model, self.example_inputs, self.masks)
+        return self.model
