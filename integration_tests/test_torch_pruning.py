@@ -236,3 +236,27 @@ def test_save_load_in_a_fresh_process_and_export(tmp_path, digits, dense_digits_
     assert onnx_diff < 1e-4
     ts_diff = export_torchscript(model, ex, tmp_path / "pruned.ts")
     assert ts_diff < 1e-5
+
+
+@pytest.mark.fashion
+def test_fn_constrained_pruning_on_fashion_mnist_with_rare_shirt():
+    from classaware_plugin.core import ClassDependentLoss, train
+    from classaware_plugin.data import load_fashion_mnist
+    from classaware_plugin.models import build_model
+    from tests.conftest import require_fashion_or_skip
+
+    require_fashion_or_skip()
+    data = load_fashion_mnist(important=[6], keep_fraction=0.1, seed=0, train_limit=3000, download=False)
+    train_dl, val_dl, test_dl = data.loaders(128, seed=0)
+    torch.manual_seed(0)
+    model = build_model("cifar_resnet", 10, data.input_shape, depth=8, width=8)
+    train(model, train_dl, ClassDependentLoss([6], data.train_counts, rank_weight=1.0), epochs=3, lr=3e-3, progress=False)
+    constraint = FNConstraint([6], abs_tol=0, max_accuracy_drop=0.01)
+    dense_val = evaluate(model, val_dl, [6])
+    model, result = prune_with_fn_constraint(
+        model, torch.zeros(2, *data.input_shape), train_dl, val_dl, [6], target_macs_reduction=4.0,
+        constraint=constraint, step=0.5, finetune_epochs=0.5, max_halvings=1, max_steps=4,
+    )
+    assert any(r.decision in ("retry", "stop") for r in result.history)
+    assert not constraint.violations(dense_val, evaluate(model, val_dl, [6]))
+    assert evaluate(model, test_dl, [6]).num_samples == 10000
