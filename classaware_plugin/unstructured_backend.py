@@ -12,13 +12,12 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from .core.backend import ModelBackend
 from .core.controller import NothingToPrune
-from .core.metrics import Evaluation, evaluate
-from .core.modelstate import restore_module, snapshot_module
 from .core.scores import Score
 
 
-class UnstructuredBackend:
+class UnstructuredBackend(ModelBackend):
     """``prune(fraction)``: global unstructured pruning of ``fraction`` of the remaining weights by ``score``."""
 
     def __init__(
@@ -35,12 +34,9 @@ class UnstructuredBackend:
     ) -> None:
         from .torch_pruning.unstructured import default_parameters
 
-        self.model = model
+        super().__init__(model, val_loader, important_classes, finetune)
         self.score = score
-        self.val_loader = val_loader
-        self.important_classes = list(important_classes)
         self.calib_loader = calib_loader
-        self._finetune = finetune
         self.calib_batches = calib_batches
         names = {id(m): n for n, m in model.named_modules()}
         self.param_names = list(parameters) if parameters is not None else [
@@ -63,19 +59,6 @@ class UnstructuredBackend:
         prune.global_unstructured(params, pruning_method=ClassAwarePruningMethod, importance_scores=scores, amount=fraction)
         if self.measure()["zeros"] == before:
             raise NothingToPrune()
-
-    def finetune(self) -> None:
-        if self._finetune is not None:
-            self._finetune(self.model)
-
-    def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.val_loader, self.important_classes)
-
-    def snapshot(self) -> nn.Module:
-        return snapshot_module(self.model)
-
-    def restore(self, state: nn.Module) -> None:
-        restore_module(self.model, state)
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:

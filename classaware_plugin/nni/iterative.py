@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.backend import ModelBackend
 from ..core.controller import NothingToPrune
-from ..core.metrics import Evaluation, evaluate
 from ..core.modelstate import restore_module, snapshot_module
 from ._compat import bake_masks, silenced
 from .io import speedup
@@ -28,7 +28,7 @@ def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     return count_params_macs(model, example)
 
 
-class NNIBackend:
+class NNIBackend(ModelBackend):
     def __init__(
         self,
         model: nn.Module,
@@ -41,12 +41,9 @@ class NNIBackend:
         pruner_kwargs: dict[str, Any] | None = None,
         calib_batches: int | None = None,
     ) -> None:
-        self.model = model
+        super().__init__(model, val_loader, important_classes, finetune)
         self.example_inputs = example_inputs
-        self.val_loader = val_loader
-        self.important_classes = list(important_classes)
         self.calib_loader = calib_loader
-        self._finetune = finetune
         self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
         self.pruner_kwargs = dict(pruner_kwargs or {})
         self.calib_batches = calib_batches
@@ -93,14 +90,11 @@ class NNIBackend:
 
             handles.append(module.register_forward_pre_hook(hold))
         try:
-            self._finetune(self.model)
+            super().finetune()
         finally:
             for h in handles:
                 h.remove()
             bake_masks(self.model, self.masks)
-
-    def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.val_loader, self.important_classes)
 
     def snapshot(self) -> Any:
         return snapshot_module(self.model), copy.deepcopy(self.masks), self.ratio

@@ -21,8 +21,7 @@ from ..core._validation import ClassAwareError, check_important_classes, check_n
 from ..core.calibration import last_linear
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
 from ..core.loss import ClassDependentLoss
-from ..core.metrics import Evaluation, evaluate
-from ..core.modelstate import restore_module, snapshot_module
+from ..core.backend import ModelBackend
 from ..core.training import train
 from .importance import ClassAwareImportance
 
@@ -37,7 +36,7 @@ def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[i
     return int(params), int(macs)
 
 
-class TorchPruningBackend:
+class TorchPruningBackend(ModelBackend):
     """Drives Torch-Pruning for :class:`~classaware_plugin.core.FNConstrainedPruning`.
 
     Args:
@@ -71,11 +70,8 @@ class TorchPruningBackend:
         calib_batches: int | None = None,
         progress: bool = False,
     ) -> None:
-        self.model = model
         self.example_inputs = example_inputs
         self.importance = importance
-        self.val_loader = val_loader
-        self.important_classes = check_important_classes(important_classes, None)
         self.calib_loader = calib_loader if calib_loader is not None else train_loader
         self.calib_batches = calib_batches
         if finetune is None and train_loader is not None:
@@ -85,7 +81,7 @@ class TorchPruningBackend:
             def finetune(m: nn.Module) -> None:
                 train(m, train_loader, loss_fn, epochs=finetune_epochs, lr=lr, progress=progress, desc="fine-tuning")
 
-        self._finetune = finetune
+        super().__init__(model, val_loader, check_important_classes(important_classes, None), finetune)
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
@@ -123,19 +119,6 @@ class TorchPruningBackend:
         self.model.zero_grad(set_to_none=True)
         if sum(p.numel() for p in self.model.parameters()) == before:
             raise NothingToPrune()
-
-    def finetune(self) -> None:
-        if self._finetune is not None:
-            self._finetune(self.model)
-
-    def evaluate(self) -> Evaluation:
-        return evaluate(self.model, self.val_loader, self.important_classes)
-
-    def snapshot(self) -> nn.Module:
-        return snapshot_module(self.model)
-
-    def restore(self, state: nn.Module) -> None:
-        restore_module(self.model, state)
 
     def measure(self) -> dict[str, float]:
         shapes = tuple(tuple(p.shape) for p in self.model.parameters())

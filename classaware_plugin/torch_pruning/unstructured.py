@@ -77,13 +77,17 @@ def default_parameters(model: nn.Module, skip_last: bool = True) -> list[tuple[n
     return params
 
 
+def _prepare(model: nn.Module, score: Score, amount: float, parameters: Sequence[tuple[nn.Module, str]] | None):
+    check_number("amount", amount, low=0.0, high=1.0, high_open=True)
+    params = list(parameters) if parameters is not None else default_parameters(model)
+    return params, class_aware_importance_scores(score, model, params)
+
+
 def global_class_aware_unstructured(
     model: nn.Module, score: Score, amount: float, parameters: Sequence[tuple[nn.Module, str]] | None = None
 ) -> None:
     """One global threshold over all ``parameters`` (``prune.global_unstructured``)."""
-    check_number("amount", amount, low=0.0, high=1.0, high_open=True)
-    params = list(parameters) if parameters is not None else default_parameters(model)
-    scores = class_aware_importance_scores(score, model, params)
+    params, scores = _prepare(model, score, amount, parameters)
     prune.global_unstructured(params, pruning_method=ClassAwarePruningMethod, importance_scores=scores, amount=amount)
 
 
@@ -91,9 +95,7 @@ def class_aware_unstructured(
     model: nn.Module, score: Score, amount: float, parameters: Sequence[tuple[nn.Module, str]] | None = None
 ) -> None:
     """The same fraction ``amount`` pruned in every tensor (per layer)."""
-    check_number("amount", amount, low=0.0, high=1.0, high_open=True)
-    params = list(parameters) if parameters is not None else default_parameters(model)
-    scores = class_aware_importance_scores(score, model, params)
+    params, scores = _prepare(model, score, amount, parameters)
     for module, name in params:
         ClassAwarePruningMethod.apply(module, name, amount=amount, importance_scores=scores[(module, name)])
 

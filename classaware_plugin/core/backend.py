@@ -1,0 +1,43 @@
+"""The part of a pruning backend every framework shares: fine-tune, evaluate, snapshot and restore a model."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+from torch import nn
+
+from .metrics import Evaluation, evaluate
+from .modelstate import restore_module, snapshot_module
+
+
+class ModelBackend:
+    """Base of the backends: subclasses add ``prune(fraction)`` and ``measure()``.
+
+    Snapshots are deep copies restored *in place* (the caller's reference to ``model`` stays valid), so channel
+    counts, masks held as module state and weights come back bit for bit.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        val_loader: Iterable[Any],
+        important_classes: Sequence[int],
+        finetune: Callable[[nn.Module], None] | None,
+    ) -> None:
+        self.model = model
+        self.val_loader = val_loader
+        self.important_classes = list(important_classes)
+        self._finetune = finetune
+
+    def finetune(self) -> None:
+        if self._finetune is not None:
+            self._finetune(self.model)
+
+    def evaluate(self) -> Evaluation:
+        return evaluate(self.model, self.val_loader, self.important_classes)
+
+    def snapshot(self) -> Any:
+        return snapshot_module(self.model)
+
+    def restore(self, state: Any) -> None:
+        restore_module(self.model, state)
