@@ -26,7 +26,6 @@ from classaware_plugin.core import (
     make_score,
     train,
 )
-from classaware_plugin.core.modelstate import restore_module, snapshot_module
 from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, make_permanent
 from classaware_plugin.unstructured_backend import UnstructuredBackend
 
@@ -95,26 +94,9 @@ def _finish(ctx: Context, model: nn.Module, res: Any, calibrate_after: bool) -> 
 
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
-class _RewindingTP(TorchPruningBackend):
-    """For the magnitude-increase score: after each prune, the rewind point w_0 becomes the post-prune weights,
-    so the next step scores |w_T| - |w_0| over the fine-tuning that followed."""
-
-    def prune(self, fraction: float) -> None:
-        super().prune(fraction)
-        self.importance.set_rewind_point(self.model)
-
-    def snapshot(self) -> Any:
-        return snapshot_module(self.model), self.importance.score.snapshot
-
-    def restore(self, state: Any) -> None:
-        restore_module(self.model, state[0])
-        self.importance.score.snapshot = state[1]
-
-
 def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours"):
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
-        cls = TorchPruningBackend
         if importance == "tp_magnitude":
             imp = tp.importance.GroupMagnitudeImportance(p=2)
         elif importance == "tp_taylor":
@@ -125,8 +107,7 @@ def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours"):
                 init = copy.deepcopy(model)
                 init.load_state_dict(ctx.init_state)
                 imp.set_rewind_point(init)  # first step: w_0 = initialisation, as in the paper
-                cls = _RewindingTP
-        backend = cls(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
+        backend = TorchPruningBackend(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
                       calib_loader=ctx.loaders["calib"], finetune=ctx.finetuner(ctx.suite.finetune_epochs))
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
         return _finish(ctx, model, res, cal)

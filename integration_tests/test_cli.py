@@ -116,11 +116,12 @@ def test_config_default_prints_a_valid_commented_configuration(capsys):
         ("data.keep_fraction=0", "'data.keep_fraction'"),
         ("model.checkpoint=/nonexistent.pt", "'model.checkpoint' names '/nonexistent.pt'"),
         ("data=3", "'data' must be a mapping"),
+        ("pruning.backend=nni pruning.score=magnitude_increase", "not available with pruning.backend=nni"),
     ],
 )
 def test_every_bad_configuration_is_refused_before_work(override, message):
     with pytest.raises(ClassAwareError) as e:
-        load_config(None, [override])
+        load_config(None, override.split(" "))
     assert message in str(e.value)
 
 
@@ -188,3 +189,13 @@ def test_ctrl_c_leaves_a_resumable_directory_and_says_so(tmp_path):
     resumed = _cli("run", "--quiet", "--resume", str(out))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert json.loads((out / "report.json").read_text())["constraint"]["satisfied"] is True
+
+
+@pytest.mark.parametrize("granularity", ["structured", "unstructured"])
+def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granularity):
+    out = tmp_path / granularity
+    sets = [*FAST, "pruning.score=magnitude_increase", f"pruning.granularity={granularity}", "pruning.max_steps=3",
+            "pruning.target_sparsity=0.5", "export.onnx=false"]
+    assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["constraint"]["satisfied"] is True and len(report["history"]) >= 1

@@ -122,6 +122,12 @@ def validate(cfg: dict[str, Any]) -> None:
     _choice("pruning.backend", p["backend"], BACKENDS)
     _choice("pruning.granularity", p["granularity"], GRANULARITIES)
     _choice("pruning.score", p["score"], available_scores())
+    if p["backend"] == "nni" and p["score"] == "magnitude_increase" and p["granularity"] == "structured":
+        raise ClassAwareError("pruning.score=magnitude_increase is not available with pruning.backend=nni; use taylor.")
+    if p["score"] == "magnitude_increase" and cfg["model"]["checkpoint"]:
+        raise ClassAwareError(
+            "pruning.score=magnitude_increase needs the initial weights, so it cannot start from model.checkpoint."
+        )
     _num("pruning.omega", p["omega"], low=0.0)
     _choice("pruning.normalization", p["normalization"], ["mean", "none"])
     _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)

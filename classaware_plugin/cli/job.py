@@ -160,6 +160,7 @@ class Job:
         else:
             torch.manual_seed(self.cfg["seed"])
             model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
+            save_model(model, self.dir / "init.pt")  # w_0 of the magnitude-increase score (the paper's rewind point)
             t = self.cfg["training"]
             loss = make_loss(self.cfg, bundle, important)
             if t["warmup_epochs"]:
@@ -196,7 +197,7 @@ class Job:
 
             score = make_score(p["score"], **score_kw)
             if hasattr(score, "set_rewind_point"):
-                score.set_rewind_point(load_model(self.dir / "dense.pt"))
+                score.set_rewind_point(self._initial_model())
             macs = count_macs(model, example)[1]
             return UnstructuredBackend(model, score, dl["val"], important, dl["calib"], finetune,
                                        calib_batches=p["calib_batches"], macs=macs), "sparsity", p["target_sparsity"]
@@ -210,9 +211,18 @@ class Job:
         imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes,
                                    **({"omega": p["omega"], "normalization": p["normalization"]} if p["score"] == "taylor" else {}))
         if p["score"] == "magnitude_increase":
-            imp.set_rewind_point(model)
+            imp.set_rewind_point(self._initial_model())
         return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
                                    finetune=finetune, calib_batches=p["calib_batches"]), "macs_reduction", p["target_macs_reduction"]
+
+    def _initial_model(self) -> nn.Module:
+        path = self.dir / "init.pt"
+        if not path.exists():
+            raise ClassAwareError(
+                "pruning.score=magnitude_increase needs the model's initial weights, which exist only when the job "
+                "trains the dense model itself (model.checkpoint is set). Use pruning.score=taylor."
+            )
+        return load_model(path)
 
     def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None) -> None:
         atomic_save({"stage": stage, "model": model, "controller": loop.state_dict() if loop else None,

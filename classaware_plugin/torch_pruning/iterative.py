@@ -111,6 +111,9 @@ class TorchPruningBackend(ModelBackend):
                 raise ClassAwareError(f"{type(imp).__name__} needs 'calib_loader' (or train_loader) for gradients.")
             accumulate_gradients(self.model, self.calib_loader, self.calib_batches)
 
+    def _rewinds(self) -> bool:
+        return isinstance(self.importance, ClassAwareImportance) and self.importance.score_name == "magnitude_increase"
+
     def prune(self, fraction: float) -> None:
         before = sum(p.numel() for p in self.model.parameters())
         self._prepare_importance()
@@ -119,6 +122,21 @@ class TorchPruningBackend(ModelBackend):
         self.model.zero_grad(set_to_none=True)
         if sum(p.numel() for p in self.model.parameters()) == before:
             raise NothingToPrune()
+        if self._rewinds():
+            # The magnitude-increase score compares with w_0 of the same shape: after a structural step the new
+            # w_0 is the post-prune weights, so the next step scores |w_T| - |w_0| over the fine-tuning between.
+            self.importance.set_rewind_point(self.model)
+
+    def snapshot(self) -> Any:
+        model = super().snapshot()
+        return (model, self.importance.score.snapshot) if self._rewinds() else model
+
+    def restore(self, state: Any) -> None:
+        if self._rewinds():
+            super().restore(state[0])
+            self.importance.score.snapshot = state[1]
+        else:
+            super().restore(state)
 
     def measure(self) -> dict[str, float]:
         shapes = tuple(tuple(p.shape) for p in self.model.parameters())
