@@ -5,6 +5,7 @@ score; fine-tuning keeps pruned weights at zero through prune's reparametrisatio
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -52,11 +53,15 @@ class UnstructuredBackend(ModelBackend):
         from .torch_pruning.unstructured import ClassAwarePruningMethod, class_aware_importance_scores
 
         params = self._params()
-        before = self.measure()["zeros"]
+        m = self.measure()
+        before = m["zeros"]
+        remaining = m["total"] - before
+        # An exact count, rounded up: prune's own rounding of a fraction can stop one weight short of a target.
+        count = min(remaining, max(1, math.ceil(fraction * remaining - 1e-9)))
         if self.score.needs_data:
             self.score.collect(self.model, self.calib_loader, max_batches=self.calib_batches)  # type: ignore[arg-type]
         scores = class_aware_importance_scores(self.score, self.model, params)
-        prune.global_unstructured(params, pruning_method=ClassAwarePruningMethod, importance_scores=scores, amount=fraction)
+        prune.global_unstructured(params, pruning_method=ClassAwarePruningMethod, importance_scores=scores, amount=int(count))
         if self.measure()["zeros"] == before:
             raise NothingToPrune()
 
@@ -67,13 +72,14 @@ class UnstructuredBackend(ModelBackend):
         zeros = sum(int((getattr(m, n) == 0).sum()) for m, n in params)
         all_params = sum(p.numel() for n, p in self.model.named_parameters() if not n.endswith("_orig"))
         all_params += sum(getattr(m, n).numel() for m, n in params if hasattr(m, f"{n}_orig"))
-        out = {"sparsity": zeros / total if total else 0.0, "zeros": zeros, "params": all_params - zeros}
+        out = {"sparsity": zeros / total if total else 0.0, "zeros": zeros, "total": total, "params": all_params - zeros}
         if self.macs is not None:
             out["macs"] = self.macs
         return out
 
     def max_fraction(self, key: str, target: float) -> float:
-        s = self.measure()["sparsity"]
-        if key == "sparsity" and s < target:
-            return (target - s) / (1.0 - s)
+        m = self.measure()
+        if key == "sparsity" and m["sparsity"] < target:
+            needed = math.ceil(target * m["total"] - 1e-9) - m["zeros"]
+            return min(0.99, max(needed, 1) / max(m["total"] - m["zeros"], 1))
         return 0.95
