@@ -23,7 +23,7 @@ from classaware_plugin.export import atomic_save, export_onnx
 from classaware_plugin.models import build_model
 from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gradients, count_params_macs
 
-from .methods import CLASS_AWARE, STRUCTURED, UNSTRUCTURED, Context
+from .methods import CLASS_AWARE, NNI_METHODS, STRUCTURED, UNSTRUCTURED, Context
 from .suites import QUICK, SUITES, Suite
 
 log = logging.getLogger("benchmarks")
@@ -123,7 +123,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
         for line in raw.read_text().splitlines():
             r = json.loads(line)
             done.add((r["suite"], r["method"], r["level"], r["seed"]))
-    methods = STRUCTURED if suite.regime == "structured" else UNSTRUCTURED
+    methods = {"structured": STRUCTURED, "unstructured": UNSTRUCTURED, "nni": NNI_METHODS}[suite.regime]
     rows = []
     for seed in suite.seeds:
         bundle, loaders = _data(suite, seed)
@@ -147,7 +147,8 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                 model, info = methods[method](ctx, level)
                 row = {
                     "suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
-                    "level": level, "level_kind": "macs_reduction" if suite.regime == "structured" else "sparsity",
+                    "level": level,
+                    "level_kind": {"structured": "macs_reduction", "unstructured": "sparsity", "nni": "sparse_ratio"}[suite.regime],
                     "method": method, "class_aware": method in CLASS_AWARE, "seed": seed,
                     "seconds": time.time() - t, **info,
                     **measure(model, ctx, suite.regime == "unstructured", dense_macs),

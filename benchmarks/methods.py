@@ -180,3 +180,64 @@ UNSTRUCTURED = {
 }
 CLASS_AWARE = {"ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
                "paper_faithful"}
+
+
+# ----------------------------------------------------------------------------- NNI (one shot at a sparse ratio)
+def nni_one_shot(pruner_name: str):
+    """Filter pruning of every Conv2d at ``sparse_ratio = level`` by an NNI pruner, NNI speed-up, then the same
+    fine-tuning budget for every pruner (3 x finetune_epochs). Data-driven pruners see the calibration batches:
+    ClassAwarePruner through ``calib_loader``; TaylorPruner through an evaluator whose optimiser has lr 0, so it
+    collects gradients on the same batches without training."""
+
+    def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
+        import nni
+
+        import classaware_plugin.nni as cnni
+        from nni.compression.utils import TorchEvaluator
+
+        model = copy.deepcopy(ctx.dense).eval()
+        config = [{"op_types": ["Conv2d"], "sparse_ratio": level, "granularity": "out_channel"}]
+        calib = ctx.loaders["calib"]
+        if pruner_name == "ClassAwarePruner":
+            pruner = cnni.ClassAwarePruner(model, config, important_classes=ctx.important, calib_loader=calib,
+                                           num_classes=ctx.num_classes)
+            _, masks = pruner.compress()
+        else:
+            cls = cnni.get_pruner_class(pruner_name)
+            config = cnni.prepare_config_list(model, config)
+            if pruner_name == "TaylorPruner":
+                steps = len(calib)
+
+                def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+                    for batch in calib:
+                        optimizers.zero_grad()
+                        training_step(batch, model).backward()
+                        optimizers.step()
+
+                evaluator = TorchEvaluator(training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.0),
+                                           lambda batch, model: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]))
+                pruner = cls(model, config, evaluator, training_steps=steps)
+            else:
+                pruner = cls(model, config)
+            _, masks = pruner.compress()
+            masks = cnni.plain_masks(masks)
+        pruner.unwrap_model()
+        model.eval()
+        before = count_params(model)
+        cnni.speedup(model, torch.zeros(2, *ctx.input_shape), masks)
+        ctx.finetuner(3 * ctx.suite.finetune_epochs)(model)
+        return model, {"stop_reason": "one_shot", "attempts": 1, "reached": level, "params_before_speedup": before}
+
+    return method
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+NNI_METHODS = {
+    "nni_classaware": nni_one_shot("ClassAwarePruner"),
+    "nni_l1": nni_one_shot("L1NormPruner"),
+    "nni_taylor": nni_one_shot("TaylorPruner"),
+}
+CLASS_AWARE.add("nni_classaware")

@@ -19,7 +19,7 @@ class Suite:
     data: DataSpec
     model: str
     model_kwargs: dict
-    regime: str                    # structured | unstructured
+    regime: str                    # structured | unstructured | nni (structured, one shot at a sparse ratio)
     levels: tuple[float, ...]      # MACs reduction (structured) or sparsity (unstructured)
     methods: tuple[str, ...]
     seeds: tuple[int, ...]
@@ -42,6 +42,9 @@ SUITES: dict[str, Suite] = {
     # Issue 3's comparison: the three Torch-Pruning estimators at 2x MACs, 3 seeds.
     "tp_fashion": Suite("tp_fashion", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0,),
                         ("ours_taylor", "tp_taylor", "tp_magnitude"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
+    # Issue 4's comparison: NNI pruners at the same sparse ratio (filters of every conv), 3 seeds.
+    "nni_fashion": Suite("nni_fashion", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "nni", (0.5,),
+                         ("nni_classaware", "nni_l1", "nni_taylor"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
     "fashion_structured": Suite("fashion_structured", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
                                 (1.5, 2.0, 3.0), STRUCTURED_METHODS, (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
     "fashion_mobilenet": Suite("fashion_mobilenet", FASHION, "mobilenet_v2", {"width_mult": 0.35}, "structured",

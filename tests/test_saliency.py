@@ -142,3 +142,20 @@ def test_magnitude_increase_is_abs_difference():
     s = score.element_scores(model)
     torch.testing.assert_close(s[model.fc]["weight"], model.fc.weight.abs() / 2)
     torch.testing.assert_close(s[model.conv]["weight"], torch.zeros_like(model.conv.weight))
+
+
+@pytest.mark.parametrize("name", __import__("classaware_plugin.core", fromlist=["available_scores"]).available_scores())
+def test_every_registered_score_meets_the_contract(name):
+    """One score per element of every parameterised module, finite, shaped like the parameter."""
+    model = TinyNet()
+    score = make_score(name, important_classes=[1], num_classes=3)
+    if hasattr(score, "set_rewind_point"):
+        score.set_rewind_point(TinyNet())
+    if score.needs_data:
+        score.collect(model, toy_loader())
+    score.check_fresh()
+    scores = score.element_scores(model)
+    for module in (model.conv, model.bn, model.dw, model.bn2, model.fc):
+        for pname, p in module.named_parameters(recurse=False):
+            assert scores[module][pname].shape == p.shape
+            assert torch.isfinite(scores[module][pname]).all()
