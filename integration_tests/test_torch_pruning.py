@@ -232,6 +232,19 @@ def test_save_load_in_a_fresh_process_and_export(tmp_path, digits, dense_digits_
     assert out.returncode == 0, out.stdout + out.stderr
     with pytest.raises(Exception):
         torch.load(path)  # the default weights_only=True refuses a pickled module; load_model handles it
+    # Torch-Pruning's own path: tp.state_dict into a freshly built dense model, in a fresh process.
+    from classaware_plugin.torch_pruning import save_pruned_state
+
+    save_pruned_state(model, tmp_path / "state.pt")
+    code2 = (
+        "import torch, sys; from classaware_plugin.models import build_model;"
+        "from classaware_plugin.torch_pruning import load_pruned_state;"
+        f"m = load_pruned_state(lambda: build_model('cifar_resnet', 10, (1, 16, 16), depth=8, width=16), r'{tmp_path / 'state.pt'}');"
+        f"x = torch.load(r'{tmp_path / 'x.pt'}'); y = torch.load(r'{tmp_path / 'y.pt'}');"
+        "d = (m(x) - y).abs().max().item(); print(d); sys.exit(0 if d == 0 else 1)"
+    )
+    out2 = subprocess.run([sys.executable, "-c", code2], capture_output=True, text=True)
+    assert out2.returncode == 0, out2.stdout + out2.stderr
     onnx_diff = export_onnx(model, ex, tmp_path / "pruned.onnx")
     assert onnx_diff < 1e-4
     ts_diff = export_torchscript(model, ex, tmp_path / "pruned.ts")
