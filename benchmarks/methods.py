@@ -94,7 +94,7 @@ def _finish(ctx: Context, model: nn.Module, res: Any, calibrate_after: bool) -> 
 
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
-def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours"):
+def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours", **imp_kwargs: Any):
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
         if importance == "tp_magnitude":
@@ -102,7 +102,7 @@ def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours"):
         elif importance == "tp_taylor":
             imp = tp.importance.GroupTaylorImportance()
         else:
-            imp = ClassAwareImportance(ctx.important, score=score, num_classes=ctx.num_classes)
+            imp = ClassAwareImportance(ctx.important, score=score, num_classes=ctx.num_classes, **imp_kwargs)
             if score == "magnitude_increase":
                 init = copy.deepcopy(model)
                 init.load_state_dict(ctx.init_state)
@@ -180,6 +180,18 @@ UNSTRUCTURED = {
 }
 CLASS_AWARE = {"ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
                "paper_faithful"}
+
+# The ablation that decides the defaults of the class-dependent Taylor score (omega, normalisation, aggregation).
+ABLATION = {
+    f"abl_omega{w}_{n}": structured("taylor", False, False, omega=float(w), normalization=n)
+    for w in (1, 2, 4, 8) for n in ("mean", "none")
+}
+ABLATION["abl_important_only_mean"] = structured("taylor", False, False, omega=1.0, rest_weight=0.0, normalization="mean")
+ABLATION["abl_omega4_mean_sum"] = structured("taylor", False, False, omega=4.0, normalization="mean", group_reduction="sum")
+ABLATION["abl_omega4_mean_max"] = structured("taylor", False, False, omega=4.0, normalization="mean", group_reduction="max")
+STRUCTURED.update(ABLATION)
+CLASS_AWARE.update(k for k in ABLATION if k != "abl_omega1_none")  # omega 1 without normalisation is class-agnostic
+
 
 
 # ----------------------------------------------------------------------------- NNI (one shot at a sparse ratio)

@@ -34,6 +34,8 @@ FASHION = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 12000}, "Fashion-
 DIGITS = DataSpec("digits", (3,), 0.2, {"image_size": 16}, "digits 16x16, '3' rare (20%)")
 CANCER = DataSpec("breast_cancer", (0,), 0.5, {}, "breast cancer, malignant important (50% kept)")
 
+ABLATION_METHODS = tuple(f"abl_omega{w}_{n}" for w in (1, 2, 4, 8) for n in ("mean", "none")) + (
+    "abl_important_only_mean", "abl_omega4_mean_sum", "abl_omega4_mean_max")
 STRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
                       "tp_magnitude", "tp_taylor")
 UNSTRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "magnitude", "lottery_ticket", "paper_faithful", "snip")
@@ -45,6 +47,13 @@ SUITES: dict[str, Suite] = {
     # Issue 4's comparison: NNI pruners at the same sparse ratio (filters of every conv), 3 seeds.
     "nni_fashion": Suite("nni_fashion", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "nni", (0.5,),
                          ("nni_classaware", "nni_l1", "nni_taylor"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
+    # The ablation of the score's defaults (structured, 2x MACs).
+    "digits_ablation": Suite("digits_ablation", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0,),
+                             ABLATION_METHODS, (0, 1, 2), dense_epochs=15, finetune_epochs=1.0, batch_size=64),
+    "fashion_ablation": Suite("fashion_ablation", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
+                              (2.0,), ("abl_omega1_none", "abl_omega1_mean", "abl_omega4_mean", "abl_omega4_none",
+                                       "abl_important_only_mean", "abl_omega4_mean_sum"), (0, 1, 2),
+                              dense_epochs=6, finetune_epochs=1.0),
     "fashion_structured": Suite("fashion_structured", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
                                 (1.5, 2.0, 3.0), STRUCTURED_METHODS, (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
     "fashion_mobilenet": Suite("fashion_mobilenet", FASHION, "mobilenet_v2", {"width_mult": 0.35}, "structured",

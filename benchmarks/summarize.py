@@ -51,6 +51,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
     summary = {"rows": summary_rows, "dense": dense_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "tables.md").write_text(tables(summary))
+    (out / "headline.md").write_text(headline(summary))
     plots(summary, out)
     return summary
 
@@ -84,6 +85,32 @@ def tables(summary: dict[str, Any]) -> str:
             )
         out.append("")
     return "\n".join(out)
+
+
+OURS = ("ours_taylor", "nni_classaware")
+
+
+def headline(summary: dict[str, Any]) -> str:
+    """Per suite and level: our default class-aware method against the class-agnostic method with the fewest
+    important-class FN (mean over seeds); AUC difference = ours - that baseline."""
+    out = ["| suite | level | ours: FN (test) | best class-agnostic: method, FN | FN change | AUC ours - baseline | accuracy ours / baseline |",
+           "|---|---:|---:|---|---:|---:|---:|"]
+    by: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in summary["rows"]:
+        by[(r["suite"], r["level"])].append(r)
+    for (suite, level), rs in sorted(by.items()):
+        ours = next((r for r in rs if r["method"] in OURS), None)
+        base = [r for r in rs if r["class_aware"] is False and r["fn_mean"] is not None]
+        if ours is None or not base:
+            continue
+        b = min(base, key=lambda r: r["fn_mean"])
+        change = (ours["fn_mean"] - b["fn_mean"]) / b["fn_mean"] * 100 if b["fn_mean"] else float("nan")
+        out.append(
+            f"| {suite} | {level} | {_f(ours['fn_mean'])} ± {_f(ours['fn_std'])} | {b['method']}, {_f(b['fn_mean'])} ± "
+            f"{_f(b['fn_std'])} | {change:+.0f}% | {ours['auc_mean'] - b['auc_mean']:+.4f} | "
+            f"{_f(100 * ours['accuracy_mean'])} / {_f(100 * b['accuracy_mean'])} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def plots(summary: dict[str, Any], out: Path) -> None:
