@@ -195,7 +195,7 @@ CLASS_AWARE.update(k for k in ABLATION if k != "abl_omega1_none")  # omega 1 wit
 
 
 # ----------------------------------------------------------------------------- NNI (one shot at a sparse ratio)
-def nni_one_shot(pruner_name: str):
+def nni_one_shot(pruner_name: str, **pruner_kwargs: Any):
     """Filter pruning of every Conv2d at ``sparse_ratio = level`` by an NNI pruner, NNI speed-up, then the same
     fine-tuning budget for every pruner (3 x finetune_epochs). Data-driven pruners see the calibration batches:
     ClassAwarePruner through ``calib_loader``; TaylorPruner through an evaluator whose optimiser has lr 0, so it
@@ -212,7 +212,7 @@ def nni_one_shot(pruner_name: str):
         calib = ctx.loaders["calib"]
         if pruner_name == "ClassAwarePruner":
             pruner = cnni.ClassAwarePruner(model, config, important_classes=ctx.important, calib_loader=calib,
-                                           num_classes=ctx.num_classes)
+                                           num_classes=ctx.num_classes, **pruner_kwargs)
             _, masks = pruner.compress()
         else:
             cls = cnni.get_pruner_class(pruner_name)
@@ -249,7 +249,8 @@ def count_params(model: nn.Module) -> int:
 
 NNI_METHODS = {
     "nni_classaware": nni_one_shot("ClassAwarePruner"),
+    "nni_classaware_mean": nni_one_shot("ClassAwarePruner", normalization="mean"),  # the ablation's runner-up
     "nni_l1": nni_one_shot("L1NormPruner"),
     "nni_taylor": nni_one_shot("TaylorPruner"),
 }
-CLASS_AWARE.add("nni_classaware")
+CLASS_AWARE.update({"nni_classaware", "nni_classaware_mean"})

@@ -46,7 +46,8 @@ SUITES: dict[str, Suite] = {
                         ("ours_taylor", "tp_taylor", "tp_magnitude"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
     # Issue 4's comparison: NNI pruners at the same sparse ratio (filters of every conv), 3 seeds.
     "nni_fashion": Suite("nni_fashion", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "nni", (0.5,),
-                         ("nni_classaware", "nni_l1", "nni_taylor"), (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
+                         ("nni_classaware", "nni_classaware_mean", "nni_l1", "nni_taylor"), (0, 1, 2), dense_epochs=6,
+                         finetune_epochs=1.0),
     # The ablation of the score's defaults (structured, 2x MACs).
     "digits_ablation": Suite("digits_ablation", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0,),
                              ABLATION_METHODS, (0, 1, 2), dense_epochs=15, finetune_epochs=1.0, batch_size=64),

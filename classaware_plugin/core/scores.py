@@ -72,9 +72,9 @@ class ClassDependentTaylor(Score):
         num_classes: the model's output width.
         omega: weight of the important classes' saliency (a number, or one per important class).
         rest_weight: weight of the other classes' saliency; 0 scores by the important classes only.
-        normalization: ``'mean'`` divides each bucket by its sample count (a rare class counts as much
-            as a frequent one at equal weight); ``'none'`` keeps sums, so omega = rest_weight = 1
-            equals the class-agnostic Taylor score.
+        normalization: ``'none'`` (default, chosen by the benchmark ablation) keeps sums, so omega =
+            rest_weight = 1 equals the class-agnostic Taylor score; ``'mean'`` divides each bucket by its sample
+            count (a rare class counts as much as a frequent one at equal weight).
     """
 
     needs_data = True
@@ -85,7 +85,7 @@ class ClassDependentTaylor(Score):
         num_classes: int,
         omega: float | Mapping[int, float] = 4.0,
         rest_weight: float = 1.0,
-        normalization: str = "mean",
+        normalization: str = "none",
     ) -> None:
         check_choice("normalization", normalization, NORMALIZATIONS)
         self.stats = ClassSaliency(important_classes, num_classes)

@@ -75,7 +75,7 @@ class ClassAwarePruner(TaylorPruner):
         score: str = "taylor",
         omega: float | Mapping[int, float] = 4.0,
         rest_weight: float = 1.0,
-        normalization: str = "mean",
+        normalization: str = "none",
         num_classes: int | None = None,
         calib_loader: Iterable[Batch] | None = None,
         max_batches: int | None = None,

@@ -72,7 +72,7 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
         score: str = "taylor",
         omega: float | Mapping[int, float] = 4.0,
         rest_weight: float = 1.0,
-        normalization: str = "mean",
+        normalization: str = "none",
         model: nn.Module | None = None,
         dataloader: Iterable[Any] | None = None,
         max_batches: int | None = None,
