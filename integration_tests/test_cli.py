@@ -199,3 +199,13 @@ def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granulari
     assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["constraint"]["satisfied"] is True and len(report["history"]) >= 1
+
+
+def test_the_untouched_default_run_holds_the_budget_at_half_the_macs(tmp_path):
+    """The README's first command: no configuration at all (about 25 s)."""
+    out = tmp_path / "default"
+    assert main(["run", "--quiet", "--out", str(out)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["constraint"]["satisfied"] is True
+    assert report["pruned"]["macs"] <= 0.5 * report["dense"]["macs"]
+    assert report["stop_reason"] == "target_reached"
