@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,18 +21,31 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
-def atomic_save(obj: object, path: str | os.PathLike[str]) -> None:
-    """``torch.save`` to a temporary file in the same folder, then an atomic rename."""
+def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
+    """``write(tmp)`` to a temporary file in the same folder, then an atomic rename onto ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
-        torch.save(obj, tmp)
+        write(tmp)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def atomic_save(obj: object, path: str | os.PathLike[str]) -> None:
+    """``torch.save`` written atomically."""
+    atomic_write(path, lambda tmp: torch.save(obj, tmp))
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """A text file written atomically."""
+    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,7 +27,7 @@ from ..core.metrics import Evaluation, evaluate
 from ..core.scores import make_score
 from ..core.training import train
 from ..data import DataBundle, load_dataset
-from ..export import atomic_save, export_onnx, load_model, save_model
+from ..export import atomic_save, atomic_write_text, export_onnx, load_model, save_model
 from ..models import build_model, check_output_width
 from ..torch_pruning.unstructured import make_permanent
 from .config import validate
@@ -37,13 +35,6 @@ from .config import validate
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
@@ -250,7 +241,7 @@ class Job:
                 "validation": evaluate(dense, dl["val"], important, bundle.num_classes).to_dict(),
             }
             atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
-        dense_val = _evaluation_from_dict(dense_metrics["validation"])
+        dense_val = Evaluation.from_dict(dense_metrics["validation"])
         # Step 4: FN-constrained pruning, resumable after every attempt.
         state = torch.load(d / STATE, map_location="cpu", weights_only=False) if (d / STATE).exists() else None
         model = state["model"] if state is not None else load_model(d / "dense.pt")
@@ -315,19 +306,6 @@ class Job:
         write_report(report, d)
         self._checkpoint(model, loop, "done", {"calibration": calibration})
         return report
-
-
-def _evaluation_from_dict(d: dict[str, Any]) -> Evaluation:
-    import numpy as np
-
-    def ints(x: dict[str, Any]) -> dict[int, Any]:
-        return {int(k): (float("nan") if v is None else v) for k, v in x.items()}
-
-    return Evaluation(
-        num_samples=d["num_samples"], accuracy=d["accuracy"], fn=ints(d["fn"]), fp=ints(d["fp"]),
-        recall=ints(d["recall"]), support=ints(d["support"]), auc=ints(d["auc"]), ap=ints(d["ap"]),
-        confusion=np.asarray(d["confusion"]), important_classes=list(d["important_classes"]),
-    )
 
 
 def prepare_run_dir(path: Path, force: bool) -> Path:

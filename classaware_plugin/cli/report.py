@@ -5,6 +5,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..export import atomic_write_text
+
 STOP_WORDS = {
     "target_reached": "the compression target was reached with every important class within its false-negative budget",
     "no_compliant_step": "no smaller pruning step kept the important classes within their false-negative budget "
@@ -155,8 +157,6 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
 
 
 def write_report(report: dict[str, Any], run_dir: Path) -> None:
-    from .job import atomic_write_text
-
     atomic_write_text(run_dir / "report.json", json.dumps(report, indent=1))
     atomic_write_text(run_dir / "report.md", write_markdown(report))
     write_plot(report, run_dir / "fn_vs_compression.png")

@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-from ._validation import ClassAwareError, check_choice, check_important_classes, check_number
+from ._validation import ClassAwareError, check_important_classes, check_number
 from .metrics import Evaluation
 
 log = logging.getLogger(__name__)

@@ -49,6 +49,19 @@ class Evaluation:
             "important_classes": list(self.important_classes),
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Evaluation:
+        """The inverse of :meth:`to_dict` (class keys back to int, None back to NaN)."""
+
+        def ints(x: dict[str, Any]) -> dict[int, Any]:
+            return {int(k): (float("nan") if v is None else v) for k, v in x.items()}
+
+        return cls(
+            num_samples=d["num_samples"], accuracy=d["accuracy"], fn=ints(d["fn"]), fp=ints(d["fp"]),
+            recall=ints(d["recall"]), support=ints(d["support"]), auc=ints(d["auc"]), ap=ints(d["ap"]),
+            confusion=np.asarray(d["confusion"]), important_classes=list(d["important_classes"]),
+        )
+
 
 def evaluate_predictions(
     y_true: Sequence[int] | np.ndarray,

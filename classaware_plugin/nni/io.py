@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 from ..export import atomic_save
-from ._compat import bake_masks
 
 
 def save_masks(masks: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike[str]) -> None:
@@ -21,13 +20,12 @@ def load_masks(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor
 
 
 def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict[str, dict[str, Any]]) -> nn.Module:
-    """Bake ``masks`` into the weights, then NNI's ModelSpeedup (with this package's fixes) removes the pruned
-    channels. Element-wise masks stay as zeros in the weights (NNI cannot shrink them)."""
+    """NNI's ModelSpeedup with this package's fixes (which bake ``masks`` into the weights first) removes the
+    pruned channels, in eval mode. Element-wise masks stay as zeros in the weights (NNI cannot shrink them)."""
     from nni.compression.speedup import ModelSpeedup
 
     was = model.training
     model.eval()
-    bake_masks(model, masks)
     ModelSpeedup(model, dummy_input, masks).speedup_model()
     model.train(was)
     return model
