@@ -3,6 +3,7 @@ current torch, masked == sped-up, config-file selection by name, scheduled prune
 from __future__ import annotations
 
 import copy
+import logging
 import subprocess
 import sys
 import textwrap
@@ -11,6 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import torchvision
+from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import classaware_plugin.nni as cnni
@@ -104,6 +106,30 @@ def test_nni_own_speedup_works_on_current_torch(arch):
     x = torch.randn(1, 3, 32, 32)  # batch 1 is handled too
     diff = _masked_vs_speedup(model, pruner, masks, x)
     assert diff < 1e-4
+
+
+def test_speedup_of_identity_modules_logs_no_error():
+    """NNI has no replacement rule for nn.Identity and logged an ERROR per Identity at every speed-up."""
+    from nni.compression.pruning import L1NormPruner
+
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.Identity(), nn.ReLU(), nn.Conv2d(8, 4, 3)).eval()
+    config = cnni.prepare_config_list(model, [{"op_names": ["0"], "sparse_ratio": 0.5, "granularity": "out_channel"}])
+    pruner = L1NormPruner(model, config)
+    _, masks = pruner.compress()
+    handler = Keep(level=logging.WARNING)
+    logging.getLogger("nni").addHandler(handler)
+    try:
+        diff = _masked_vs_speedup(model, pruner, masks, torch.randn(2, 3, 8, 8))
+    finally:
+        logging.getLogger("nni").removeHandler(handler)
+    assert model[0].out_channels == 4 and diff < 1e-5
+    assert [r.getMessage() for r in records] == []
 
 
 def test_masks_load_with_weights_only_true(tmp_path):
