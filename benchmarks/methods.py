@@ -44,6 +44,8 @@ class Context:
     num_classes: int
     input_shape: tuple[int, ...]
     train_counts: list[int]
+    # (method, level) -> (pruned model, its raw row) of a method already run in this suite and seed, or None
+    previous: Callable[[str, float], tuple[nn.Module, dict[str, Any]] | None] = lambda method, level: None
 
     @property
     def important(self) -> list[int]:
@@ -82,19 +84,32 @@ def _run(ctx: Context, backend: Any, level: float, key: str, step: float, fn_rul
     return res
 
 
-def _finish(ctx: Context, model: nn.Module, res: Any, calibrate_after: bool) -> tuple[nn.Module, dict[str, Any]]:
+def _finish(ctx: Context, model: nn.Module, res: Any) -> tuple[nn.Module, dict[str, Any]]:
     make_permanent(model)
-    info: dict[str, Any] = {"stop_reason": res.stop_reason, "attempts": len(res.history),
-                            "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
-    if calibrate_after:
+    return model, {"stop_reason": res.stop_reason, "attempts": len(res.history),
+                   "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
+
+
+def calibrated(base: str):
+    """``base`` followed by decision calibration on validation (aim: the dense model's validation FN). Pruning is
+    seeded, so the base method's pruned model is reused when this seed and level already ran it."""
+
+    def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
+        prev = ctx.previous(base, level)
+        if prev is not None:
+            model = prev[0]
+            info = {k: prev[1][k] for k in ("stop_reason", "attempts", "reached") if k in prev[1]}
+        else:
+            model, info = STRUCTURED[base](ctx, level)
         dense_val = evaluate(ctx.dense, ctx.loaders["val"], ctx.important)
         cal = calibrate(model, ctx.loaders["val"], ctx.important, {c: dense_val.fn[c] for c in ctx.important})
-        info["calibration_shift"] = {str(c): s for c, s in cal.shifts.items()}
-    return model, info
+        return model, {**info, "calibrated_from": base, "calibration_shift": {str(c): s for c, s in cal.shifts.items()}}
+
+    return method
 
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
-def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours", **imp_kwargs: Any):
+def structured(score: str, fn_rule: bool, importance: str = "ours", **imp_kwargs: Any):
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
         if importance == "tp_magnitude":
@@ -110,7 +125,7 @@ def structured(score: str, fn_rule: bool, cal: bool, importance: str = "ours", *
         backend = TorchPruningBackend(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
                       calib_loader=ctx.loaders["calib"], finetune=ctx.finetuner(ctx.suite.finetune_epochs))
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
-        return _finish(ctx, model, res, cal)
+        return _finish(ctx, model, res)
 
     return method
 
@@ -156,19 +171,19 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
         else:
             backend = UnstructuredBackend(model, s, ctx.loaders["val"], ctx.important, **common)
         res = _run(ctx, backend, level, "sparsity", 0.99 if one_shot else 0.5, fn_rule)
-        return _finish(ctx, model, res, False)
+        return _finish(ctx, model, res)
 
     return method
 
 
 STRUCTURED = {
-    "ours_taylor": structured("taylor", False, False),
-    "ours_taylor_fn": structured("taylor", True, False),
-    "ours_taylor_cal": structured("taylor", False, True),
-    "ours_taylor_fn_cal": structured("taylor", True, True),
-    "ours_magnitude_increase": structured("magnitude_increase", False, False),
-    "tp_magnitude": structured("", False, False, importance="tp_magnitude"),
-    "tp_taylor": structured("", False, False, importance="tp_taylor"),
+    "ours_taylor": structured("taylor", False),
+    "ours_taylor_fn": structured("taylor", True),
+    "ours_taylor_cal": calibrated("ours_taylor"),
+    "ours_taylor_fn_cal": calibrated("ours_taylor_fn"),
+    "ours_magnitude_increase": structured("magnitude_increase", False),
+    "tp_magnitude": structured("", False, importance="tp_magnitude"),
+    "tp_taylor": structured("", False, importance="tp_taylor"),
 }
 UNSTRUCTURED = {
     "ours_taylor": unstructured("taylor"),
@@ -183,68 +198,108 @@ CLASS_AWARE = {"ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_
 
 # The ablation that decides the defaults of the class-dependent Taylor score (omega, normalisation, aggregation).
 ABLATION = {
-    f"abl_omega{w}_{n}": structured("taylor", False, False, omega=float(w), normalization=n)
+    f"abl_omega{w}_{n}": structured("taylor", False, omega=float(w), normalization=n)
     for w in (1, 2, 4, 8) for n in ("mean", "none")
 }
-ABLATION["abl_important_only_mean"] = structured("taylor", False, False, omega=1.0, rest_weight=0.0, normalization="mean")
-ABLATION["abl_omega4_mean_sum"] = structured("taylor", False, False, omega=4.0, normalization="mean", group_reduction="sum")
-ABLATION["abl_omega4_mean_max"] = structured("taylor", False, False, omega=4.0, normalization="mean", group_reduction="max")
+for n in ("mean", "none"):
+    ABLATION[f"abl_important_only_{n}"] = structured("taylor", False, omega=1.0, rest_weight=0.0, normalization=n)
+    for r in ("sum", "max"):  # channel aggregation over a group's layers (default: mean)
+        ABLATION[f"abl_omega4_{n}_{r}"] = structured("taylor", False, omega=4.0, normalization=n, group_reduction=r)
 STRUCTURED.update(ABLATION)
 CLASS_AWARE.update(k for k in ABLATION if k != "abl_omega1_none")  # omega 1 without normalisation is class-agnostic
 
 
 
-# ----------------------------------------------------------------------------- NNI (one shot at a sparse ratio)
+# ----------------------------------------------------------------------------- NNI (one shot)
+def _nni_prune(ctx: Context, model: nn.Module, ratio: float, pruner_name: str, **pruner_kwargs: Any) -> nn.Module:
+    """Filter pruning of every Conv2d at ``sparse_ratio = ratio`` by an NNI pruner, then NNI's speed-up.
+    Data-driven pruners see the calibration batches: ClassAwarePruner through ``calib_loader``; TaylorPruner through
+    an evaluator whose optimiser has lr 0, so it collects gradients on the same batches without training."""
+    import nni
+
+    import classaware_plugin.nni as cnni
+    from nni.compression.utils import TorchEvaluator
+
+    model.eval()
+    config = [{"op_types": ["Conv2d"], "sparse_ratio": ratio, "granularity": "out_channel"}]
+    calib = ctx.loaders["calib"]
+    if pruner_name == "ClassAwarePruner":
+        pruner = cnni.ClassAwarePruner(model, config, important_classes=ctx.important, calib_loader=calib,
+                                       num_classes=ctx.num_classes, **pruner_kwargs)
+        _, masks = pruner.compress()
+    else:
+        cls = cnni.get_pruner_class(pruner_name)
+        config = cnni.prepare_config_list(model, config)
+        if pruner_name == "TaylorPruner":
+            def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
+                for batch in calib:
+                    optimizers.zero_grad()
+                    training_step(batch, model).backward()
+                    optimizers.step()
+
+            evaluator = TorchEvaluator(training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.0),
+                                       lambda batch, model: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]))
+            pruner = cls(model, config, evaluator, training_steps=len(calib))
+        else:
+            pruner = cls(model, config)
+        _, masks = pruner.compress()
+        masks = cnni.plain_masks(masks)
+    pruner.unwrap_model()
+    model.eval()
+    cnni.speedup(model, torch.zeros(2, *ctx.input_shape), masks)
+    return model
+
+
+_RATIO_FOR_MACS: dict[tuple, float] = {}
+
+
+def nni_ratio_for_macs(ctx: Context, reduction: float) -> float:
+    """The smallest NNI sparse ratio (uniform over every Conv2d, filters) whose sped-up model reaches
+    ``reduction`` x fewer MACs: bisection with L1NormPruner on the dense model (the ratio-to-MACs map depends on
+    the architecture only, since every pruner removes the same number of filters per layer)."""
+    from classaware_plugin.torch_pruning import count_params_macs
+
+    key = (ctx.suite.model, repr(ctx.suite.model_kwargs), ctx.input_shape, reduction)
+    if key not in _RATIO_FOR_MACS:
+        ex = torch.zeros(1, *ctx.input_shape)
+        dense_macs = count_params_macs(ctx.dense, ex)[1]
+        lo, hi = 0.0, 0.95
+        for _ in range(9):  # about 0.002 resolution
+            mid = (lo + hi) / 2
+            pruned = _nni_prune(ctx, copy.deepcopy(ctx.dense), mid, "L1NormPruner")
+            if dense_macs / count_params_macs(pruned, ex)[1] >= reduction:
+                hi = mid
+            else:
+                lo = mid
+        _RATIO_FOR_MACS[key] = hi
+    return _RATIO_FOR_MACS[key]
+
+
+def structured_steps(reduction: float, step: float = 0.2) -> int:
+    """Pruning steps the structured schedule needs to reach ``reduction`` when every layer loses ``step`` of its
+    remaining channels per step (MACs of a conv scale with in x out channels)."""
+    return max(1, math.ceil(math.log(reduction) / (-2 * math.log(1 - step))))
+
+
 def nni_one_shot(pruner_name: str, **pruner_kwargs: Any):
-    """Filter pruning of every Conv2d at ``sparse_ratio = level`` by an NNI pruner, NNI speed-up, then the same
-    fine-tuning budget for every pruner (3 x finetune_epochs). Data-driven pruners see the calibration batches:
-    ClassAwarePruner through ``calib_loader``; TaylorPruner through an evaluator whose optimiser has lr 0, so it
-    collects gradients on the same batches without training."""
+    """One NNI pruning shot, speed-up, then fine-tuning. In an ``nni`` suite the level is NNI's sparse ratio and the
+    fine-tune budget 3 x finetune_epochs; in a ``structured`` suite the level is a MACs reduction, reached by
+    :func:`nni_ratio_for_macs`, and the budget is what the iterative methods get for that level
+    (:func:`structured_steps` x finetune_epochs)."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
-        import nni
-
-        import classaware_plugin.nni as cnni
-        from nni.compression.utils import TorchEvaluator
-
-        model = copy.deepcopy(ctx.dense).eval()
-        config = [{"op_types": ["Conv2d"], "sparse_ratio": level, "granularity": "out_channel"}]
-        calib = ctx.loaders["calib"]
-        if pruner_name == "ClassAwarePruner":
-            pruner = cnni.ClassAwarePruner(model, config, important_classes=ctx.important, calib_loader=calib,
-                                           num_classes=ctx.num_classes, **pruner_kwargs)
-            _, masks = pruner.compress()
+        if ctx.suite.regime == "structured":
+            ratio, epochs = nni_ratio_for_macs(ctx, level), structured_steps(level) * ctx.suite.finetune_epochs
         else:
-            cls = cnni.get_pruner_class(pruner_name)
-            config = cnni.prepare_config_list(model, config)
-            if pruner_name == "TaylorPruner":
-                steps = len(calib)
-
-                def training_func(model, optimizers, training_step, lr_schedulers=None, max_steps=None, max_epochs=None):
-                    for batch in calib:
-                        optimizers.zero_grad()
-                        training_step(batch, model).backward()
-                        optimizers.step()
-
-                evaluator = TorchEvaluator(training_func, nni.trace(torch.optim.SGD)(model.parameters(), lr=0.0),
-                                           lambda batch, model: torch.nn.functional.cross_entropy(model(batch[0]), batch[1]))
-                pruner = cls(model, config, evaluator, training_steps=steps)
-            else:
-                pruner = cls(model, config)
-            _, masks = pruner.compress()
-            masks = cnni.plain_masks(masks)
-        pruner.unwrap_model()
-        model.eval()
-        before = count_params(model)
-        cnni.speedup(model, torch.zeros(2, *ctx.input_shape), masks)
-        ctx.finetuner(3 * ctx.suite.finetune_epochs)(model)
-        return model, {"stop_reason": "one_shot", "attempts": 1, "reached": level, "params_before_speedup": before}
+            ratio, epochs = level, 3 * ctx.suite.finetune_epochs
+        model = _nni_prune(ctx, copy.deepcopy(ctx.dense), ratio, pruner_name, **pruner_kwargs)
+        ctx.finetuner(epochs)(model)
+        info = {"stop_reason": "one_shot", "attempts": 1, "sparse_ratio": ratio, "finetune_epochs": epochs}
+        if ctx.suite.regime != "structured":
+            info["reached"] = level
+        return model, info
 
     return method
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 NNI_METHODS = {

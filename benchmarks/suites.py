@@ -34,10 +34,10 @@ FASHION = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 12000}, "Fashion-
 DIGITS = DataSpec("digits", (3,), 0.2, {"image_size": 16}, "digits 16x16, '3' rare (20%)")
 CANCER = DataSpec("breast_cancer", (0,), 0.5, {}, "breast cancer, malignant important (50% kept)")
 
-ABLATION_METHODS = tuple(f"abl_omega{w}_{n}" for w in (1, 2, 4, 8) for n in ("mean", "none")) + (
-    "abl_important_only_mean", "abl_omega4_mean_sum", "abl_omega4_mean_max")
+ABLATION_METHODS = tuple(f"abl_omega{w}_{n}" for w in (1, 2, 4, 8) for n in ("mean", "none")) + tuple(
+    m for n in ("mean", "none") for m in (f"abl_important_only_{n}", f"abl_omega4_{n}_sum", f"abl_omega4_{n}_max"))
 STRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
-                      "tp_magnitude", "tp_taylor")
+                      "tp_magnitude", "tp_taylor", "nni_classaware", "nni_l1", "nni_taylor")
 UNSTRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "magnitude", "lottery_ticket", "paper_faithful", "snip")
 
 SUITES: dict[str, Suite] = {
@@ -53,7 +53,9 @@ SUITES: dict[str, Suite] = {
                              ABLATION_METHODS, (0, 1, 2), dense_epochs=15, finetune_epochs=1.0, batch_size=64),
     "fashion_ablation": Suite("fashion_ablation", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
                               (2.0,), ("abl_omega1_none", "abl_omega1_mean", "abl_omega4_mean", "abl_omega4_none",
-                                       "abl_important_only_mean", "abl_omega4_mean_sum"), (0, 1, 2),
+                                       "abl_important_only_mean", "abl_omega4_mean_sum", "abl_omega2_none",
+                                       "abl_omega8_none", "abl_important_only_none", "abl_omega4_none_sum",
+                                       "abl_omega4_none_max"), (0, 1, 2),
                               dense_epochs=6, finetune_epochs=1.0),
     "fashion_structured": Suite("fashion_structured", FASHION, "cifar_resnet", {"depth": 8, "width": 16}, "structured",
                                 (1.5, 2.0, 3.0), STRUCTURED_METHODS, (0, 1, 2), dense_epochs=6, finetune_epochs=1.0),
