@@ -6,6 +6,7 @@ import copy
 import functools
 import json
 import logging
+import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -98,9 +99,10 @@ def latencies(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float
 
     ex, x64 = torch.zeros(1, *input_shape), torch.randn(64, *input_shape)
     row = {"latency_ms_b1": latency_ms(model, ex), "latency_ms_b64": latency_ms(model, x64, repeats=10)}
-    onnx_path = CACHE / "tmp.onnx"
-    row["onnx_max_abs_diff"] = export_onnx(model, x64[:4], onnx_path)
-    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with tempfile.TemporaryDirectory() as tmp:  # one file per call: several benchmark processes may run at once
+        onnx_path = Path(tmp) / "model.onnx"
+        row["onnx_max_abs_diff"] = export_onnx(model, x64[:4], onnx_path)
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     for b, x in ((1, ex), (64, x64)):
         feed = {"input": x.numpy()}
         for _ in range(3):
