@@ -90,7 +90,7 @@ def _finish(ctx: Context, model: nn.Module, res: Any) -> tuple[nn.Module, dict[s
                    "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
 
 
-def calibrated(base: str):
+def calibrated(base: str, table: dict[str, Callable[..., Any]]):
     """``base`` followed by decision calibration on validation (aim: the dense model's validation FN). Pruning is
     seeded, so the base method's pruned model is reused when this seed and level already ran it."""
 
@@ -100,7 +100,7 @@ def calibrated(base: str):
             model = prev[0]
             info = {k: prev[1][k] for k in ("stop_reason", "attempts", "reached") if k in prev[1]}
         else:
-            model, info = STRUCTURED[base](ctx, level)
+            model, info = table[base](ctx, level)
         dense_val = evaluate(ctx.dense, ctx.loaders["val"], ctx.important)
         cal = calibrate(model, ctx.loaders["val"], ctx.important, {c: dense_val.fn[c] for c in ctx.important})
         return model, {**info, "calibrated_from": base, "calibration_shift": {str(c): s for c, s in cal.shifts.items()}}
@@ -179,22 +179,25 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
 STRUCTURED = {
     "ours_taylor": structured("taylor", False),
     "ours_taylor_fn": structured("taylor", True),
-    "ours_taylor_cal": calibrated("ours_taylor"),
-    "ours_taylor_fn_cal": calibrated("ours_taylor_fn"),
     "ours_magnitude_increase": structured("magnitude_increase", False),
+    "ours_magnitude_increase_fn": structured("magnitude_increase", True),
     "tp_magnitude": structured("", False, importance="tp_magnitude"),
     "tp_taylor": structured("", False, importance="tp_taylor"),
 }
 UNSTRUCTURED = {
     "ours_taylor": unstructured("taylor"),
     "ours_taylor_fn": unstructured("taylor", fn_rule=True),
+    "ours_magnitude_increase": unstructured("magnitude_increase"),
     "magnitude": unstructured("magnitude"),
     "lottery_ticket": unstructured("magnitude", rewind=True, class_dependent=False),
     "paper_faithful": unstructured("magnitude_increase", rewind=True, class_dependent=True),
     "snip": unstructured("snip", one_shot=True, class_dependent=False),
 }
-CLASS_AWARE = {"ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
-               "paper_faithful"}
+for _table in (STRUCTURED, UNSTRUCTURED):  # *_cal: the same pruned model, then decision calibration
+    for _base in ("ours_taylor", "ours_taylor_fn", "ours_magnitude_increase", "ours_magnitude_increase_fn"):
+        if _base in _table:
+            _table[f"{_base}_cal"] = calibrated(_base, _table)
+CLASS_AWARE = {m for t in (STRUCTURED, UNSTRUCTURED) for m in t if m.startswith("ours_")} | {"paper_faithful"}
 
 # The ablation that decides the defaults of the class-dependent Taylor score (omega, normalisation, aggregation).
 ABLATION = {

@@ -36,9 +36,12 @@ CANCER = DataSpec("breast_cancer", (0,), 0.5, {}, "breast cancer, malignant impo
 
 ABLATION_METHODS = tuple(f"abl_omega{w}_{n}" for w in (1, 2, 4, 8) for n in ("mean", "none")) + tuple(
     m for n in ("mean", "none") for m in (f"abl_important_only_{n}", f"abl_omega4_{n}_sum", f"abl_omega4_{n}_max"))
+# A *_cal method reuses its base method's pruned model, so it comes after it.
 STRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase",
-                      "tp_magnitude", "tp_taylor", "nni_classaware", "nni_l1", "nni_taylor")
-UNSTRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "magnitude", "lottery_ticket", "paper_faithful", "snip")
+                      "tp_magnitude", "tp_taylor", "nni_classaware", "nni_l1", "nni_taylor", "ours_magnitude_increase_fn",
+                      "ours_magnitude_increase_cal", "ours_magnitude_increase_fn_cal")
+UNSTRUCTURED_METHODS = ("ours_taylor", "ours_taylor_fn", "magnitude", "lottery_ticket", "paper_faithful", "snip",
+                        "ours_taylor_cal", "ours_taylor_fn_cal", "ours_magnitude_increase", "ours_magnitude_increase_cal")
 
 SUITES: dict[str, Suite] = {
     # Issue 3's comparison: the three Torch-Pruning estimators at 2x MACs, 3 seeds.
