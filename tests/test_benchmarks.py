@@ -1,0 +1,55 @@
+"""The benchmark summary: schema of summary.json, the headline's choice of rows, plots at the compression reached."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.methods import structured_steps
+from benchmarks.summarize import summarize
+
+ISSUE_KEYS = {"dataset", "model", "regime", "level", "level_kind", "method", "class_aware", "seeds", "fn_mean", "fn_std",
+              "fp_mean", "accuracy_mean", "auc_mean", "params_mean", "macs_mean", "latency_ms_b1", "score_seconds"}
+
+
+def _row(method, seed, fn, aware, reached=2.0, quiet=True, level=2.0):
+    return {"suite": "s", "dataset": "d", "model": "m", "regime": "structured", "level": level,
+            "level_kind": "macs_reduction", "method": method, "class_aware": aware, "seed": seed, "fn": fn,
+            "fn_rate": fn / 100, "fp": 3, "accuracy": 0.9, "auc": 0.95 if aware else 0.94, "ap": 0.5, "params": 10,
+            "macs": 100, "latency_ms_b1": 1.0, "latency_ms_b64": 5.0, "onnx_latency_ms_b1": 0.5,
+            "onnx_latency_ms_b64": 2.0, "score_seconds": 0.1 if method == "ours_taylor" else None, "reached": reached,
+            "stop_reason": "target_reached", **({"latency_pass": True} if quiet else {})}
+
+
+def test_summary_schema_headline_and_plot(tmp_path):
+    rows = [{"suite": "s", "dataset": "d", "model": "m", "regime": "structured", "method": "dense", "level": 0.0,
+             "seed": 0, "class_aware": None, "fn": 20, "fn_rate": 0.2, "fp": 1, "accuracy": 0.95, "auc": 0.97,
+             "ap": 0.6, "params": 20, "macs": 200}]
+    for seed, (ours, nni_ours, rule, base_a, base_b) in enumerate([(10, 5, 8, 12, 30), (14, 5, 10, 16, 30)]):
+        rows += [_row("ours_taylor", seed, ours, True), _row("nni_classaware", seed, nni_ours, True),
+                 _row("ours_taylor_fn", seed, rule, True, reached=1.6), _row("tp_magnitude", seed, base_a, False),
+                 _row("tp_taylor", seed, base_b, False, quiet=False)]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    summary = summarize(tmp_path)
+
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved == summary and len(saved["rows"]) == 5 and saved["dense"]["s"]["fn_mean"] == 20
+    for r in saved["rows"]:
+        assert ISSUE_KEYS <= set(r), ISSUE_KEYS - set(r)
+    ours = next(r for r in saved["rows"] if r["method"] == "ours_taylor")
+    assert (ours["fn_mean"], ours["fn_std"], ours["seeds"], ours["score_seconds"]) == (12.0, 2.0, 2, pytest.approx(0.1))
+    # our default is ours_taylor even where the NNI variant has fewer FN; the baseline is the best class-agnostic one
+    line = (tmp_path / "headline.md").read_text().splitlines()[2]
+    assert "| 12.0 ± 2.0 | tp_magnitude, 14.0 ± 2.0 | -14% | +0.0100 |" in line
+    assert line.endswith("| 9.0 at 1.60 |")  # the FN rule's FN and where it stopped
+    tables = (tmp_path / "tables.md").read_text()
+    tp_taylor = next(t for t in tables.splitlines() if "| tp_taylor |" in t)
+    assert "0.50 *" in tp_taylor and "0.50 *" not in next(t for t in tables.splitlines() if "| tp_magnitude |" in t)
+    assert (tmp_path / "s_fn.png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("reduction, steps", [(1.2, 1), (1.5, 1), (2.0, 2), (3.0, 3), (10.0, 6)])
+def test_structured_steps_matches_the_channel_schedule(reduction, steps):
+    assert structured_steps(reduction) == steps
+    assert (0.8 ** (2 * steps)) <= 1 / reduction < (0.8 ** (2 * (steps - 1)))
