@@ -17,6 +17,7 @@ def main() -> None:
     r.add_argument("--suite", nargs="*", help="suite names (default: all of the mode)")
     r.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, quick: benchmarks/results/quick)")
     r.add_argument("--seeds", type=int, nargs="*", help="only these seeds of each suite (to split a suite over processes)")
+    r.add_argument("--methods", nargs="*", help="only these methods of each suite")
     r.add_argument("--threads", type=int, help="torch threads (default: torch's); two runs with 1 thread each use 2 "
                    "cores better than one with 2 for these small models")
     lat = sub.add_parser("latency", help="re-measure every row's latency from its cached model, alone on the machine")
@@ -39,7 +40,7 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         t = time.time()
-        run(args.suite, args.quick, out, seeds=args.seeds)
+        run(args.suite, args.quick, out, seeds=args.seeds, methods=args.methods)
         logging.getLogger("benchmarks").info("all done in %.0f s", time.time() - t)
     elif args.cmd == "latency":
         t = time.time()

@@ -235,12 +235,15 @@ def suites_for(names: list[str] | None, quick: bool) -> list[Suite]:
     return [SUITES[n] for n in (names or list(FULL))]
 
 
-def run(names: list[str] | None, quick: bool, out: Path = RESULTS, seeds: list[int] | None = None) -> None:
+def run(names: list[str] | None, quick: bool, out: Path = RESULTS, seeds: list[int] | None = None,
+        methods: list[str] | None = None) -> None:
     set_quiet(True)
     CACHE.mkdir(parents=True, exist_ok=True)
     for suite in suites_for(names, quick):
         if seeds:
             suite = replace(suite, seeds=tuple(s for s in suite.seeds if s in seeds))
+        if methods:
+            suite = replace(suite, methods=tuple(m for m in suite.methods if m in methods))
         t = time.time()
         run_suite(suite, out)
         log.info("suite %s done in %.0f s", suite.name, time.time() - t)
