@@ -82,4 +82,5 @@ QUICK = {
     "cancer_unstructured": dict(levels=(0.9, 0.98), seeds=(0,)),
     "digits_unstructured": dict(levels=(0.9,), seeds=(0,), methods=("ours_taylor", "magnitude", "snip")),
 }
-FULL = ("fashion_structured", "fashion_mobilenet", "cancer_unstructured", "digits_structured", "digits_unstructured")
+FULL = ("fashion_structured", "fashion_mobilenet", "nni_fashion", "fashion_ablation", "digits_ablation", "cancer_unstructured",
+        "digits_structured", "digits_unstructured")

@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file in the same folder, then an atomic rename onto ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written one.
+    A crash at any moment leaves either the old file or the new one, never a half-written one. The file gets the
+    permissions an ordinary ``open(path, "w")`` would give it (mkstemp's are owner-only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -32,10 +33,17 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_save(obj: object, path: str | os.PathLike[str]) -> None:
