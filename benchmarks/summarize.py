@@ -132,15 +132,18 @@ def plots(summary: dict[str, Any], out: Path) -> None:
     for r in summary["rows"]:
         by_suite[r["suite"]].append(r)
     for suite, rs in by_suite.items():
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
         methods = sorted({r["method"] for r in rs})
-        for m in methods:
+        colors = plt.cm.tab20.colors  # distinct colours for up to 20 methods (the default cycle repeats after 10)
+        for i, m in enumerate(methods):
             pts = sorted((r for r in rs if r["method"] == m), key=lambda r: r["level"])
             # plotted where each method actually landed: the FN rule may stop before the target level
             xs = [r["reached_mean"] if r.get("reached_mean") is not None else r["level"] for r in pts]
             style = "-o" if pts[0]["class_aware"] else "--s"
-            axes[0].errorbar(xs, [r["fn_mean"] for r in pts], yerr=[r["fn_std"] or 0 for r in pts], fmt=style, label=m, capsize=3)
-            axes[1].plot(xs, [100 * r["accuracy_mean"] for r in pts], style, label=m)
+            c = colors[i % len(colors)]
+            axes[0].errorbar(xs, [r["fn_mean"] for r in pts], yerr=[r["fn_std"] or 0 for r in pts], fmt=style, label=m,
+                             capsize=3, color=c)
+            axes[1].plot(xs, [100 * r["accuracy_mean"] for r in pts], style, label=m, color=c)
         d = summary["dense"].get(suite)
         if d:
             axes[0].axhline(d["fn_mean"], color="k", ls=":", label="dense")
@@ -149,7 +152,7 @@ def plots(summary: dict[str, Any], out: Path) -> None:
         kind += " reached" if rs[0]["regime"] != "nni" else ""
         axes[0].set(xlabel=kind, ylabel="important-class FN (test, mean ± sd)", title=f"{suite}: false negatives")
         axes[1].set(xlabel=kind, ylabel="accuracy % (test)", title=f"{suite}: accuracy")
-        axes[0].legend(fontsize=7)
+        axes[1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
         fig.tight_layout()
         fig.savefig(out / f"{suite}_fn.png", dpi=100)
         plt.close(fig)
