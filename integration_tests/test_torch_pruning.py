@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from classaware_plugin import ClassAwareImportance
 from classaware_plugin.core import ClassAwareError, FNConstraint, StaleStatisticsError, evaluate, make_score
-from classaware_plugin.export import export_onnx, export_torchscript, load_model, save_model
+from classaware_plugin.export import export_onnx, export_torchscript, save_model
 from classaware_plugin.torch_pruning import (
     count_params_macs,
     global_class_aware_unstructured,
