@@ -9,19 +9,30 @@ import warnings
 from pathlib import Path
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a thread count (allowed: an integer >= 1)")
+    return value
+
+
 def main() -> None:
+    from .suites import SUITES
+
+    suites = sorted(SUITES)
+    methods = sorted({m for suite in SUITES.values() for m in suite.methods})
     p = argparse.ArgumentParser(prog="python -m benchmarks")
     sub = p.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("run")
     r.add_argument("--quick", action="store_true", help="fewer levels, one seed (under 15 minutes on 2 cores)")
-    r.add_argument("--suite", nargs="*", help="suite names (default: all of the mode)")
+    r.add_argument("--suite", nargs="*", choices=suites, metavar="SUITE", help=f"suite names (default: all of the mode): {', '.join(suites)}")
     r.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, quick: benchmarks/results/quick)")
     r.add_argument("--seeds", type=int, nargs="*", help="only these seeds of each suite (to split a suite over processes)")
-    r.add_argument("--methods", nargs="*", help="only these methods of each suite")
-    r.add_argument("--threads", type=int, help="torch threads (default: torch's); two runs with 1 thread each use 2 "
+    r.add_argument("--methods", nargs="*", choices=methods, metavar="METHOD", help="only these methods of each suite")
+    r.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's); two runs with 1 thread each use 2 "
                    "cores better than one with 2 for these small models")
     lat = sub.add_parser("latency", help="re-measure every row's latency from its cached model, alone on the machine")
-    lat.add_argument("--suite", nargs="*", help="suite names (default: every suite in raw.jsonl)")
+    lat.add_argument("--suite", nargs="*", choices=suites, metavar="SUITE", help="suite names (default: every suite in raw.jsonl)")
     lat.add_argument("--out", type=Path)
     s = sub.add_parser("summarize")
     s.add_argument("--out", type=Path)
