@@ -26,7 +26,7 @@ from classaware_plugin.core import (
     make_score,
     train,
 )
-from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, make_permanent
+from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, count_params_macs, make_permanent
 from classaware_plugin.unstructured_backend import UnstructuredBackend
 
 # The FN rule used by every *_fn method: FN_c <= FN_c(dense) + max(1, ceil(0.1 FN_c(dense))), accuracy drop <= 3 points.
@@ -260,8 +260,6 @@ def nni_ratio_for_macs(ctx: Context, reduction: float) -> float:
     """The smallest NNI sparse ratio (uniform over every Conv2d, filters) whose sped-up model reaches
     ``reduction`` x fewer MACs: bisection with L1NormPruner on the dense model (the ratio-to-MACs map depends on
     the architecture only, since every pruner removes the same number of filters per layer)."""
-    from classaware_plugin.torch_pruning import count_params_macs
-
     key = (ctx.suite.model, repr(ctx.suite.model_kwargs), ctx.input_shape, reduction)
     if key not in _RATIO_FOR_MACS:
         ex = torch.zeros(1, *ctx.input_shape)

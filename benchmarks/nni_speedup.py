@@ -11,6 +11,7 @@ import torchvision
 from torch.utils.data import DataLoader, TensorDataset
 
 import classaware_plugin.nni as cnni
+from classaware_plugin.export import atomic_write_text
 from classaware_plugin.torch_pruning import count_params_macs
 from nni.compression.speedup import ModelSpeedup
 
@@ -40,9 +41,7 @@ def measure(arch: str, granularity: str, ratio: float = 0.5) -> dict:
 def main() -> None:
     warnings.filterwarnings("ignore")
     rows = [measure(a, g) for a in ("resnet18", "mobilenet_v2") for g in ("out_channel", "default")]
-    out = Path(__file__).parent / "results" / "nni_speedup.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1))
+    atomic_write_text(Path(__file__).parent / "results" / "nni_speedup.json", json.dumps(rows, indent=1))
     for r in rows:
         print(json.dumps(r))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -47,6 +47,15 @@ def _suggest(name: str, options: Sequence[str]) -> str:
     return f" Did you mean {close}?" if close else ""
 
 
+def _check_known(i: int, cfg: dict[str, Any], keys: Sequence[str], known: Sequence[str],
+                 describe: Callable[[str], str]) -> None:
+    """Every value under ``keys`` must be one of ``known``; otherwise an error naming it, with close matches."""
+    for key in keys:
+        for value in cfg.get(key) or []:
+            if value not in known:
+                raise ClassAwareError(f"config_list[{i}]['{key}'] {describe(value)}{_suggest(value, known)}")
+
+
 def validate_config_list(model: nn.Module, config_list: Any) -> list[dict[str, Any]]:
     """Normalise and check ``config_list``; raise where NNI would fail silently or obscurely."""
     if not isinstance(config_list, list) or not config_list:
@@ -63,19 +72,11 @@ def validate_config_list(model: nn.Module, config_list: Any) -> list[dict[str, A
             raise ClassAwareError(
                 f"config_list[{i}] has unknown key(s) {unknown}. Allowed keys: {', '.join(CONFIG_KEYS)}."
             )
-        for key in ("op_types", "exclude_op_types"):
-            for t in cfg.get(key, []) or []:
-                if t not in types:
-                    raise ClassAwareError(
-                        f"config_list[{i}]['{key}'] holds {t!r}, which matches no module of the model (NNI would "
-                        f"silently prune nothing). The model's module types: {types}.{_suggest(t, types)}"
-                    )
-        for key in ("op_names", "exclude_op_names"):
-            for n in cfg.get(key, []) or []:
-                if n not in names:
-                    raise ClassAwareError(
-                        f"config_list[{i}]['{key}'] names {n!r}, which is not a module of the model.{_suggest(n, names)}"
-                    )
+        _check_known(i, cfg, ("op_types", "exclude_op_types"), types,
+                     lambda t: f"holds {t!r}, which matches no module of the model (NNI would silently prune nothing). "
+                               f"The model's module types: {types}.")
+        _check_known(i, cfg, ("op_names", "exclude_op_names"), names,
+                     lambda n: f"names {n!r}, which is not a module of the model.")
         if "sparse_ratio" in cfg:
             r = cfg["sparse_ratio"]
             if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0.0 < float(r) < 1.0:

@@ -16,7 +16,6 @@ from torch import nn
 
 from ..core.backend import ModelBackend
 from ..core.controller import NothingToPrune
-from ..core.modelstate import restore_module, snapshot_module
 from ._compat import bake_masks, silenced
 from .io import speedup
 from .pruner import ClassAwarePruner
@@ -97,10 +96,10 @@ class NNIBackend(ModelBackend):
             bake_masks(self.model, self.masks)
 
     def snapshot(self) -> Any:
-        return snapshot_module(self.model), copy.deepcopy(self.masks), self.ratio
+        return super().snapshot(), copy.deepcopy(self.masks), self.ratio
 
     def restore(self, state: Any) -> None:
-        restore_module(self.model, state[0])
+        super().restore(state[0])
         self.masks, self.ratio = copy.deepcopy(state[1]), state[2]
         self._measured = None
 
