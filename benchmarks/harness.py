@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import hashlib
 import json
 import logging
 import tempfile
@@ -39,7 +40,7 @@ def _data(suite: Suite, seed: int):
     bundle = load_dataset(d.name, important=list(d.important), keep_fraction=d.keep_fraction, seed=seed, **d.kwargs)
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(seed + 1))
-    calib = Subset(bundle.train, perm[: min(len(bundle.train), 8 * suite.batch_size)].tolist())
+    calib = Subset(bundle.train, perm[: min(len(bundle.train), suite.calib_batches * suite.batch_size)].tolist())
     loaders = {
         "train": DataLoader(bundle.train, batch_size=suite.batch_size, shuffle=True, generator=g),
         "generator": g,
@@ -57,7 +58,10 @@ def _input_shape(suite_name: str) -> tuple[int, ...]:
 
 
 def _dense_path(suite: Suite, seed: int) -> Path:
-    return CACHE / f"{suite.data.name}_{suite.model}_{seed}_{suite.dense_epochs}.pt"
+    # Every setting that shapes the dense model is in the key.
+    key = repr((suite.data, suite.model_kwargs, suite.dense_epochs, suite.lr, suite.rank_weight, suite.batch_size,
+                suite.dense_loss, suite.dense_schedule, suite.weight_decay))
+    return CACHE / f"{suite.data.name}_{suite.model}_{seed}_{hashlib.sha1(key.encode()).hexdigest()[:10]}.pt"
 
 
 def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tuple[nn.Module, dict, dict, float]:
@@ -68,12 +72,18 @@ def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tup
     torch.manual_seed(seed)
     model = build_model(suite.model, bundle.num_classes, bundle.input_shape, **suite.model_kwargs)
     init = copy.deepcopy(model.state_dict())
-    loss = ClassDependentLoss(list(suite.data.important), class_counts=bundle.train_counts, rank_weight=suite.rank_weight)
+    loss = (nn.CrossEntropyLoss() if suite.dense_loss == "ce" else
+            ClassDependentLoss(list(suite.data.important), class_counts=bundle.train_counts, rank_weight=suite.rank_weight))
+    kw = dict(lr=suite.lr, weight_decay=suite.weight_decay, progress=False)
     t = time.time()
-    train(model, loaders["train"], loss, epochs=1, lr=suite.lr, progress=False)
-    early = copy.deepcopy(model.state_dict())
-    if suite.dense_epochs > 1:
-        train(model, loaders["train"], loss, epochs=suite.dense_epochs - 1, lr=suite.lr, progress=False)
+    if suite.dense_schedule == "cosine":  # one annealed run; no late-rewinding point (the rewind point is the init)
+        train(model, loaders["train"], loss, epochs=suite.dense_epochs, schedule="cosine", **kw)
+        early = init
+    else:
+        train(model, loaders["train"], loss, epochs=1, **kw)
+        early = copy.deepcopy(model.state_dict())
+        if suite.dense_epochs > 1:
+            train(model, loaders["train"], loss, epochs=suite.dense_epochs - 1, **kw)
     seconds = time.time() - t
     atomic_save({"model": model.eval(), "init": init, "early": early, "seconds": seconds}, path)
     return model, init, early, seconds

@@ -28,6 +28,12 @@ class Suite:
     lr: float = 2e-3
     rank_weight: float = 1.0
     batch_size: int = 128
+    dense_loss: str = "class_dependent"   # class_dependent | ce (the model a TP/NNI user arrives with)
+    dense_schedule: str = "constant"       # constant | cosine (learning rate over the dense training)
+    weight_decay: float = 0.0
+    finetune_lr: float | None = None       # per fine-tuning call; None = lr / 2
+    finetune_schedule: str = "constant"
+    calib_batches: int = 8
 
 
 FASHION = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 12000}, "Fashion-MNIST, Shirt rare (10%), 12k train")
@@ -76,6 +82,19 @@ SUITES: dict[str, Suite] = {
                                  (0.8, 0.9, 0.95, 0.98, 0.99), UNSTRUCTURED_METHODS, (0, 1, 2), dense_epochs=15,
                                  finetune_epochs=1.0, batch_size=64),
 }
+
+# Issue 10's protocol: a properly trained dense model (plain cross-entropy, the model a TP/NNI user arrives with),
+# >= 20k training images, 5 paired seeds, FN at the dense model's FPR; two comparisons kept apart (see methods.py).
+FASHION_20K = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 25000},
+                       "Fashion-MNIST, Shirt rare (10%), 20.2k train")
+PROTOCOL_SCORE_ONLY = ("so_fisher", "so_tp_taylor", "so_tp_magnitude")
+PROTOCOL_PIPELINE = ("pl_ours", "pl_nni_l1", "pl_nni_taylor")
+PROTOCOL_EXTRA = ("so_fisher_margin", "so_taylor_signed", "fb_fisher", "fb_tp_taylor", "fb_tp_magnitude")
+SUITES["fashion_protocol"] = Suite(
+    "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
+    PROTOCOL_SCORE_ONLY + PROTOCOL_PIPELINE + PROTOCOL_EXTRA, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
+    lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
+    finetune_schedule="cosine")
 
 QUICK = {
     "digits_structured": dict(levels=(2.0,), seeds=(0,)),

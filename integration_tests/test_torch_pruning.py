@@ -71,12 +71,10 @@ def test_readme_example_with_only_the_importance_line_changed(arch):
 
 @pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small"])
 def test_every_group_is_scored_depthwise_and_batchnorm_included(arch):
+    """Element-level scores (taylor_signed): BatchNorm scale and shift and depthwise convs all count."""
     model = getattr(torchvision.models, arch)(num_classes=10).eval()
-    imp = ClassAwareImportance(important_classes=[3]).collect(model, _calib(n=16), max_batches=1)
-    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
-    head = _classifier(model)
-    groups = list(DG.get_all_groups(ignored_layers=[head], root_module_types=[nn.Conv2d, nn.Linear]))
-    assert groups
+    imp = ClassAwareImportance(important_classes=[3], score="taylor_signed").collect(model, _calib(n=16), max_batches=1)
+    groups = _groups(model)
     stats = imp.score.stats
 
     def perturbed_score(group, module, name):
@@ -110,6 +108,46 @@ def test_every_group_is_scored_depthwise_and_batchnorm_included(arch):
             # The depthwise layer's statistics change the group's score (TP's own estimators skip it).
             assert not torch.allclose(perturbed_score(group, dws[0], "weight"), score)
     assert covered == {m for m in model.modules() if isinstance(m, nn.BatchNorm2d)}  # every BatchNorm is scored
+    if arch.startswith("mobilenet"):
+        assert depthwise_groups > 0
+
+
+def _groups(model):
+    DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 32, 32))
+    groups = list(DG.get_all_groups(ignored_layers=[_classifier(model)], root_module_types=[nn.Conv2d, nn.Linear]))
+    assert groups
+    return groups
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50", "mobilenet_v2", "mobilenet_v3_small"])
+def test_every_group_is_scored_by_its_channel_gates(arch):
+    """The default Fisher score: every group gets one finite score per root channel, every BatchNorm is a gate of
+    some group, and changing a gate's statistics (depthwise convs' gates included) changes its group's score."""
+    model = getattr(torchvision.models, arch)(num_classes=10).eval()
+    imp = ClassAwareImportance(important_classes=[3]).collect(model, _calib(n=16), max_batches=1)
+    stats = imp.score.channels
+    gated: set[nn.Module] = set()
+    depthwise_groups = 0
+    for group in _groups(model):
+        score = imp(group)
+        assert score is not None and len(score) == len(group[0].idxs) and torch.isfinite(score).all()
+        outs = [dep.target.module for dep, _ in group if "out_channels" in dep.handler.__name__]
+        gates = {stats.gate_of_[m] for m in outs if m in stats.gate_of_}
+        gates = [g for g in gates if g in stats.sums_[3]]
+        gated.update(gates)
+        dws = [m for m in outs if isinstance(m, nn.Conv2d) and m.groups > 1 and m.groups == m.in_channels]
+        probe = [stats.gate_of_[dws[0]]] if dws else gates[:1]
+        depthwise_groups += bool(dws)
+        for gate in probe:
+            saved = {b: stats.sums_[b][gate]["channel"].clone() for b in stats.buckets}
+            for b in stats.buckets:
+                stats.sums_[b][gate]["channel"] = saved[b] * 50.0 + torch.linspace(0, 1, len(saved[b]))
+            imp._cache = None
+            assert not torch.allclose(imp(group), score)
+            for b in stats.buckets:
+                stats.sums_[b][gate]["channel"] = saved[b]
+            imp._cache = None
+    assert {m for m in model.modules() if isinstance(m, nn.BatchNorm2d)} <= gated
     if arch.startswith("mobilenet"):
         assert depthwise_groups > 0
 
@@ -189,7 +227,7 @@ def test_fn_constrained_input_errors(digits, dense_digits_model):
 def test_unstructured_global_and_per_layer(digits, dense_digits_model):
     train_dl, _, _ = digits.loaders(64)
     model = copy.deepcopy(dense_digits_model)
-    score = make_score("taylor", important_classes=[3], num_classes=10)
+    score = make_score("taylor_signed", important_classes=[3], num_classes=10)
     score.collect(model, train_dl, max_batches=4)
     global_class_aware_unstructured(model, score, amount=0.8)
     assert sparsity(model) == pytest.approx(0.8, abs=1e-3)

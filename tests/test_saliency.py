@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from classaware_plugin.core import ClassAwareError, ClassSaliency, StaleStatisticsError, make_score
-from classaware_plugin.core.saliency import REST
+from classaware_plugin.core.statistics import REST
 
 from .helpers import TinyNet, toy_loader
 
@@ -47,7 +47,7 @@ def test_mean_normalisation_divides_by_bucket_counts():
     model, loader = TinyNet(), toy_loader(n=48)
     stats = ClassSaliency([1], num_classes=3).collect(model, loader)
     assert stats.counts_ == {1: 16, REST: 32}
-    w = stats.bucket_weights(omega=4.0, rest_weight=1.0, normalization="mean")
+    w = stats.bucket_weights(omega=4.0, rest_weight=1.0, weighting="balanced")
     assert w == pytest.approx({1: 4.0 / 16, REST: 1.0 / 32})
 
 
@@ -122,15 +122,28 @@ def test_bad_inputs_named():
     with pytest.raises(ClassAwareError, match="not important classes"):
         stats.bucket_weights(omega={2: 3.0})
     with pytest.raises(ClassAwareError, match="normalization"):
-        stats.bucket_weights(normalization="l2")
+        stats.contributions(normalization="l2")
+    with pytest.raises(ClassAwareError, match="weighting"):
+        stats.bucket_weights(weighting="l2")
 
 
 def test_score_registry():
     from classaware_plugin.core import available_scores
 
-    assert {"taylor", "magnitude_increase", "magnitude"} <= set(available_scores())
-    with pytest.raises(ClassAwareError, match="'magnitude', 'magnitude_increase', 'taylor'"):
+    assert {"fisher", "taylor_signed", "magnitude_increase", "magnitude"} <= set(available_scores())
+    with pytest.raises(ClassAwareError, match="'fisher', 'magnitude', 'magnitude_increase', 'taylor_signed'"):
         make_score("snip")
+
+
+def test_score_options_are_declared_by_the_score():
+    with pytest.raises(ClassAwareError, match="'normalization' does not apply to score='magnitude'.*Got normalization='bogus'"):
+        make_score("magnitude", normalization="bogus")
+    with pytest.raises(ClassAwareError, match="'normalization' does not apply to score='fisher'.*omega, rest_weight"):
+        make_score("fisher", important_classes=[1], num_classes=3, normalization="mean")
+    with pytest.raises(ClassAwareError, match="omega"):
+        make_score("fisher", important_classes=[1], num_classes=3, omega=-5.0)
+    with pytest.raises(ClassAwareError, match="num_classes"):
+        make_score("fisher", important_classes=[1], omega=2.0)
 
 
 def test_magnitude_increase_is_abs_difference():
@@ -149,7 +162,7 @@ def test_every_registered_score_meets_the_contract(name):
     """One score per element of every parameterised module, finite, shaped like the parameter."""
     model = TinyNet()
     score = make_score(name, important_classes=[1], num_classes=3)
-    if hasattr(score, "set_rewind_point"):
+    if score.needs_rewind:
         score.set_rewind_point(TinyNet())
     if score.needs_data:
         score.collect(model, toy_loader())
@@ -159,3 +172,23 @@ def test_every_registered_score_meets_the_contract(name):
         for pname, p in module.named_parameters(recurse=False):
             assert scores[module][pname].shape == p.shape
             assert torch.isfinite(scores[module][pname]).all()
+
+
+@pytest.mark.parametrize("name", __import__("classaware_plugin.core", fromlist=["available_scores"]).available_scores())
+def test_every_channel_score_covers_every_channel_module(name):
+    """A score with native channel scores gives one finite, non-negative value per output channel of every conv,
+    norm and linear layer (through its gate); the others return None and are reduced from element scores."""
+    model = TinyNet()
+    score = make_score(name, important_classes=[1], num_classes=3)
+    if score.needs_rewind:
+        score.set_rewind_point(TinyNet())
+    if score.needs_data:
+        score.collect(model, toy_loader(), granularity="channel")
+    channels = score.channel_scores(model)
+    if channels is None:
+        return
+    for module in (model.conv, model.bn, model.dw, model.bn2, model.fc):
+        v = channels.for_module(module)
+        width = module.out_features if isinstance(module, torch.nn.Linear) else getattr(module, "out_channels", None) or module.num_features
+        assert v.shape == (width,)
+        assert torch.isfinite(v).all() and (v >= 0).all()

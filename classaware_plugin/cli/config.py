@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from ..core._validation import ClassAwareError, check_choice, check_number
-from ..core.scores import available_scores
+from ..core.scores import available_scores, make_score, score_class, score_options
 from ..data import DATASETS
 
 BACKENDS = ("torch-pruning", "nni")
@@ -122,14 +122,17 @@ def validate(cfg: dict[str, Any]) -> None:
     _choice("pruning.backend", p["backend"], BACKENDS)
     _choice("pruning.granularity", p["granularity"], GRANULARITIES)
     _choice("pruning.score", p["score"], available_scores())
-    if p["backend"] == "nni" and p["score"] == "magnitude_increase" and p["granularity"] == "structured":
-        raise ClassAwareError("pruning.score=magnitude_increase is not available with pruning.backend=nni; use taylor.")
-    if p["score"] == "magnitude_increase" and cfg["model"]["checkpoint"]:
+    needs_rewind = score_class(p["score"]).needs_rewind
+    if p["backend"] == "nni" and needs_rewind and p["granularity"] == "structured":
+        raise ClassAwareError(f"pruning.score={p['score']} is not available with pruning.backend=nni; use fisher.")
+    if needs_rewind and cfg["model"]["checkpoint"]:
         raise ClassAwareError(
-            "pruning.score=magnitude_increase needs the initial weights, so it cannot start from model.checkpoint."
+            f"pruning.score={p['score']} needs the initial weights, so it cannot start from model.checkpoint."
         )
-    _num("pruning.omega", p["omega"], low=0.0)
-    _choice("pruning.normalization", p["normalization"], ["mean", "none"])
+    try:  # the score's own options: refused when the score has no such option, then checked by the score itself
+        make_score(p["score"], important_classes=[0], num_classes=2, **score_config(p))
+    except ClassAwareError as e:
+        raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
     _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)
     _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
     _num("pruning.step", p["step"], low=0.0, high=1.0, low_open=True, high_open=True)
@@ -147,3 +150,12 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")
     if not isinstance(cfg["export"]["onnx"], bool):
         raise ClassAwareError(f"The configuration key 'export.onnx' must be true or false. Got {cfg['export']['onnx']!r}.")
+
+
+SCORE_OPTIONS = ("omega", "rest_weight", "weighting", "loss", "normalization")
+"""Keys of the 'pruning' section that are options of the score (null: the score's default)."""
+
+
+def score_config(pruning: dict[str, Any]) -> dict[str, Any]:
+    """The score options set in the 'pruning' section (refused, naming the option, when the score has no such option)."""
+    return score_options(pruning["score"], **{k: pruning.get(k) for k in SCORE_OPTIONS})

@@ -30,7 +30,7 @@ from ..data import DataBundle, load_dataset
 from ..export import atomic_save, atomic_write_text, export_onnx, load_model, save_model
 from ..models import build_model, check_output_width
 from ..torch_pruning.unstructured import make_permanent
-from .config import validate
+from .config import score_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -179,15 +179,13 @@ class Job:
             train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"],
                   optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})")
 
-        score_kw = dict(important_classes=important, num_classes=bundle.num_classes)
-        if p["score"] == "taylor":
-            score_kw.update(omega=p["omega"], normalization=p["normalization"])
+        options = score_config(p)
         example = torch.zeros(2, *bundle.input_shape)
         if p["granularity"] == "unstructured":
             from ..unstructured_backend import UnstructuredBackend
 
-            score = make_score(p["score"], **score_kw)
-            if hasattr(score, "set_rewind_point"):
+            score = make_score(p["score"], important_classes=important, num_classes=bundle.num_classes, **options)
+            if score.needs_rewind:
                 score.set_rewind_point(self._initial_model())
             macs = count_macs(model, example)[1]
             return UnstructuredBackend(model, score, dl["val"], important, dl["calib"], finetune,
@@ -195,13 +193,12 @@ class Job:
         if p["backend"] == "nni":
             from ..nni.iterative import NNIBackend
 
-            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, score_kw), \
+            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, options), \
                 "macs_reduction", p["target_macs_reduction"]
         from ..torch_pruning import ClassAwareImportance, TorchPruningBackend
 
-        imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes,
-                                   **({"omega": p["omega"], "normalization": p["normalization"]} if p["score"] == "taylor" else {}))
-        if p["score"] == "magnitude_increase":
+        imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes, **options)
+        if imp.score is not None and imp.score.needs_rewind:
             imp.set_rewind_point(self._initial_model())
         return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
                                    finetune=finetune, calib_batches=p["calib_batches"]), "macs_reduction", p["target_macs_reduction"]
@@ -211,7 +208,7 @@ class Job:
         if not path.exists():
             raise ClassAwareError(
                 "pruning.score=magnitude_increase needs the model's initial weights, which exist only when the job "
-                "trains the dense model itself (model.checkpoint is set). Use pruning.score=taylor."
+                "trains the dense model itself (model.checkpoint is set). Use pruning.score=fisher."
             )
         return load_model(path)
 

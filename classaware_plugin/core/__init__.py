@@ -17,16 +17,17 @@ from .controller import (
 )
 from .lottery import MaskSet, RewindSnapshot
 from .loss import ClassDependentLoss, make_class_weights
-from .metrics import Evaluation, evaluate, evaluate_predictions, predict
+from .metrics import Evaluation, OperatingPoint, evaluate, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from .progress import set_quiet
-from .saliency import ClassSaliency, ScoreMap, StaleStatisticsError
-from .scores import Score, available_scores, make_score, reduce_to_channels, register_score
+from .channels import ChannelFisher, ChannelScores
+from .statistics import ClassSaliency, ScoreMap, StaleStatisticsError, WeightStatistics
+from .scores import DEFAULT_SCORE, Score, available_scores, make_score, reduce_to_channels, register_score, score_options
 from .training import train
 
 __all__ = [
-    "Calibration", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "ControllerResult", "Evaluation",
+    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "Evaluation",
     "FNConstrainedPruning", "FNConstraint", "MaskSet", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
     "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
-    "evaluate", "evaluate_predictions", "find_logit_shifts", "make_class_weights", "make_score", "predict",
-    "reduce_to_channels", "register_score", "set_quiet", "train",
+    "OperatingPoint", "evaluate", "evaluate_predictions", "fn_at_fpr", "fpr_of", "find_logit_shifts", "make_class_weights", "make_score", "predict",
+    "reduce_to_channels", "register_score", "score_options", "set_quiet", "train", "WeightStatistics",
 ]

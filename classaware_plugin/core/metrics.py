@@ -9,10 +9,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score
+from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
 from torch import nn
 
-from ._validation import ClassAwareError, check_important_classes, check_non_empty_loader
+from ._validation import ClassAwareError, check_important_classes, check_non_empty_loader, check_number
 
 
 @dataclass
@@ -88,8 +88,7 @@ def evaluate_predictions(
     pred = s.argmax(1)
     cm = confusion_matrix(y, pred, labels=labels)
     recall = recall_score(y, pred, labels=labels, average=None, zero_division=np.nan)
-    shifted = s - s.max(1, keepdims=True)
-    prob = np.exp(shifted) / np.exp(shifted).sum(1, keepdims=True)
+    prob = softmax(s)
     auc: dict[int, float] = {}
     ap: dict[int, float] = {}
     for c in important:
@@ -111,6 +110,65 @@ def evaluate_predictions(
         confusion=cm,
         important_classes=important,
     )
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of logits, computed stably."""
+    shifted = scores - scores.max(1, keepdims=True)
+    e = np.exp(shifted)
+    return e / e.sum(1, keepdims=True)
+
+
+def fpr_of(ev: Evaluation, c: int) -> float:
+    """False-positive rate of class ``c`` at argmax: FP / (samples not of class ``c``)."""
+    negatives = ev.num_samples - ev.support[c]
+    return ev.fp[c] / negatives if negatives else float("nan")
+
+
+@dataclass
+class OperatingPoint:
+    """FN of an important class at a fixed false-positive rate (one-vs-rest on its softmax probability).
+
+    The threshold is chosen on validation (the largest FPR not above the target), then applied to test, so two
+    models are compared at the same FP budget instead of at argmax, where a bias shift trades FN for FP freely.
+    """
+
+    target_fpr: float
+    threshold: float
+    val_fpr: float
+    test_fn: int
+    test_fpr: float
+
+    def to_dict(self) -> dict[str, float]:
+        return {"target_fpr": self.target_fpr, "threshold": self.threshold, "val_fpr": self.val_fpr,
+                "test_fn": self.test_fn, "test_fpr": self.test_fpr}
+
+
+def fn_at_fpr(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.ndarray], c: int,
+              target_fpr: float) -> OperatingPoint:
+    """FN of class ``c`` on test at the lowest threshold (the highest recall) whose validation FPR is not above
+    ``target_fpr``.
+
+    ``val`` and ``test`` are ``(labels, logits)`` as :func:`predict` returns them.
+
+    Example:
+        >>> y = np.array([0, 0, 1, 1]); z = np.array([[2., 0.], [0., 1.], [0., 3.], [1., 0.]])
+        >>> fn_at_fpr((y, z), (y, z), c=1, target_fpr=0.5).test_fn   # threshold 0.27: one FP, both positives found
+        0
+    """
+    check_number("target_fpr", target_fpr, low=0.0, high=1.0)
+    (yv, zv), (yt, zt) = val, test
+    pos_v = yv == c
+    if pos_v.all() or not pos_v.any():
+        raise ClassAwareError(f"The validation split needs positives and negatives of class {c} to choose a threshold.")
+    fpr, _, thresholds = roc_curve(pos_v, softmax(zv)[:, c], drop_intermediate=False)
+    i = int(np.nonzero(fpr <= target_fpr + 1e-12)[0][-1])
+    thr = float(thresholds[i])
+    pt = softmax(zt)[:, c]
+    pos_t = yt == c
+    neg_t = max(int((~pos_t).sum()), 1)
+    return OperatingPoint(float(target_fpr), thr, float(fpr[i]), int((pt[pos_t] < thr).sum()),
+                          float((pt[~pos_t] >= thr).sum() / neg_t))
 
 
 @torch.no_grad()

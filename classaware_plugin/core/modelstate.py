@@ -1,8 +1,12 @@
-"""Exact snapshots of a model whose structure may change (structural pruning), restored in place."""
+"""Exact snapshots of a model whose structure may change (structural pruning), restored in place; what a model
+tells about itself."""
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
+from typing import Any
 
+import torch
 from torch import nn
 
 
@@ -21,3 +25,16 @@ def restore_module(model: nn.Module, snapshot: nn.Module) -> None:
     fresh = copy.deepcopy(snapshot)
     model.__dict__.clear()
     model.__dict__.update(fresh.__dict__)
+
+
+def infer_num_classes(model: nn.Module, batches: Iterable[Any]) -> int:
+    """The model's output width, from one forward of two samples of the first batch (on the model's device)."""
+    x = next(iter(batches))[0]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(x[:2].to(next(model.parameters()).device))
+    finally:
+        model.train(was)
+    return int(out.shape[1])

@@ -1,8 +1,10 @@
 """Importance scores, one class each, registered by name.
 
-A score turns a model (and, when it needs data, calibration batches) into a :data:`ScoreMap`:
-one non-negative-or-signed number per parameter element, larger = keep. The adapters only reduce
-these element scores to channels (structured) or rank them directly (unstructured).
+A score turns a model (and, when it needs data, calibration batches) into a :data:`ScoreMap`: one
+non-negative-or-signed number per parameter element, larger = keep; a score that measures channels natively (the
+default ``'fisher'``) also returns :class:`~classaware_plugin.core.channels.ChannelScores`. The adapters only map
+channel scores onto their groups or masks, reduce element scores to channels (structured), or rank element scores
+directly (unstructured).
 """
 from __future__ import annotations
 
@@ -14,10 +16,23 @@ import torch
 from torch import nn
 
 from ._validation import ClassAwareError, check_choice
+from .channels import ChannelFisher, ChannelScores
 from .lottery import RewindSnapshot
-from .saliency import NORMALIZATIONS, ClassSaliency, ScoreMap, StaleStatisticsError, parameterised_modules
+from .statistics import (
+    NORMALIZATIONS,
+    BucketStatistics,
+    ClassSaliency,
+    ScoreMap,
+    StaleStatisticsError,
+    WeightStatistics,
+    parameterised_modules,
+)
+
+GRANULARITIES = ("channel", "element")
 
 _REGISTRY: dict[str, type[Score]] = {}
+
+DEFAULT_SCORE = "fisher"
 
 
 def register_score(name: str):
@@ -40,43 +55,152 @@ def available_scores() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_score(name: str, **kwargs: Any) -> Score:
-    """Build a registered score by name, e.g. ``make_score('taylor', important_classes=[3], num_classes=10)``."""
+def score_class(name: str) -> type[Score]:
+    """The registered class of a score name (a clear error listing the names otherwise)."""
     check_choice("score", name, available_scores())
-    return _REGISTRY[name](**kwargs)
+    return _REGISTRY[name]
+
+
+def score_options(name: str, **given: Any) -> dict[str, Any]:
+    """The options of score ``name`` among ``given``: ``None`` means "not given" and is dropped; a given option the
+    score does not have is refused, naming the options it has."""
+    cls = score_class(name)
+    out = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(out) - set(cls.options))
+    if unknown:
+        raise ClassAwareError(
+            f"The option {unknown[0]!r} does not apply to score={name!r} (its options: "
+            f"{', '.join(cls.options) or 'none'}). Got {unknown[0]}={out[unknown[0]]!r}."
+        )
+    return out
+
+
+def make_score(name: str, important_classes: Sequence[int] = (), num_classes: int | None = None, **options: Any) -> Score:
+    """Build a registered score by name, e.g. ``make_score('fisher', important_classes=[3], num_classes=10)``.
+
+    Options the score does not have are refused (see :func:`score_options`)."""
+    cls = score_class(name)
+    opts = score_options(name, **options)
+    if cls.needs_data:
+        if num_classes is None:
+            raise ClassAwareError(f"score={name!r} needs 'num_classes' (the model's output width).")
+        return cls(important_classes=important_classes, num_classes=num_classes, **opts)
+    return cls(**opts)
 
 
 class Score(abc.ABC):
-    """One importance score. Subclasses implement :meth:`element_scores`."""
+    """One importance score. Subclasses implement :meth:`element_scores` (and, when they score channels natively,
+    :meth:`channel_scores`) and declare what they need as class attributes, so that no adapter checks names."""
 
     name: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+    """Keyword options of the constructor besides ``important_classes`` and ``num_classes``."""
     needs_data: ClassVar[bool] = False
+    """:meth:`collect` must run on calibration batches before scoring."""
+    needs_rewind: ClassVar[bool] = False
+    """:meth:`set_rewind_point` must be called with the weights to compare against."""
+    signed: ClassVar[bool] = False
+    """Scores can be negative (mean-normalisation is then meaningless)."""
 
-    def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False) -> None:
-        """Gather what the score needs from data (no-op for data-free scores)."""
+    def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False,
+                granularity: str = "element") -> None:
+        """Gather what the score needs from data (no-op for data-free scores). ``granularity`` is ``'channel'``
+        (structured pruning) or ``'element'`` (unstructured): a score may gather different statistics for each."""
 
     def check_fresh(self) -> None:
         """Raise when the gathered state no longer matches the model (no-op for data-free scores)."""
+
+    def set_rewind_point(self, model: nn.Module) -> None:
+        """For scores with ``needs_rewind``: the weights to compare against."""
+        raise ClassAwareError(f"score={self.name!r} has no rewind point; set_rewind_point() is for scores that compare "
+                              "with earlier weights (magnitude_increase).")
 
     @abc.abstractmethod
     def element_scores(self, model: nn.Module) -> ScoreMap:
         """One score per parameter element of every parameterised module, larger = keep."""
 
+    def channel_scores(self, model: nn.Module) -> ChannelScores | None:
+        """Native channel scores (``None``: the adapters reduce :meth:`element_scores` over coupled tensors)."""
+        return None
 
-@register_score("taylor")
+
+@register_score("fisher")
+class ClassConditionalFisher(Score):
+    """Class-conditional Fisher score (the default).
+
+    Structured (``collect(..., granularity='channel')``): per-sample channel-gate values after each channel's norm
+    layer, ``I_k = sum_b omega_b * mean_{n in b} s_{n,k}^2`` (:class:`~classaware_plugin.core.channels.ChannelFisher`).
+    Unstructured (``'element'``): per batch and bucket ``(w * g_b)^2`` summed over batches
+    (:class:`~classaware_plugin.core.statistics.WeightStatistics`).
+
+    Args:
+        important_classes: classes whose false negatives matter.
+        num_classes: the model's output width.
+        omega: weight of each important class's bucket (a number, or one per important class).
+        rest_weight: weight of the other classes' bucket; 0 scores by the important classes only.
+        weighting: ``'balanced'`` (default: each bucket's mean, so a rare class weighs by omega, not by its count) or
+            ``'count'`` (every sample alike: omega = rest_weight = 1 is the class-agnostic Fisher score).
+        loss: ``'ce'`` (default) or ``'margin'`` for the important classes' samples (see ``per_sample_loss``).
+    """
+
+    options = ("omega", "rest_weight", "weighting", "loss")
+    needs_data = True
+
+    def __init__(
+        self,
+        important_classes: Sequence[int],
+        num_classes: int,
+        omega: float | Mapping[int, float] = 1.0,
+        rest_weight: float = 1.0,
+        weighting: str = "balanced",
+        loss: str = "ce",
+    ) -> None:
+        self.channels = ChannelFisher(important_classes, num_classes, loss)
+        self.weights = WeightStatistics(important_classes, num_classes, loss, squared=True)
+        self.omega, self.rest_weight, self.weighting = omega, rest_weight, weighting
+        self.channels.bucket_weights(omega, rest_weight, weighting)  # validate now, before any work
+        self._active: BucketStatistics | None = None
+
+    def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False,
+                granularity: str = "element") -> None:
+        check_choice("granularity", granularity, GRANULARITIES)
+        self._active = self.channels if granularity == "channel" else self.weights
+        self._active.collect(model, loader, max_batches=max_batches, progress=progress)
+
+    def check_fresh(self) -> None:
+        if self._active is None:
+            raise StaleStatisticsError("No statistics collected yet: call collect(model, loader) first.")
+        self._active.check_fresh()
+
+    def _weights(self) -> tuple[Any, float, str]:
+        return self.omega, self.rest_weight, self.weighting
+
+    def element_scores(self, model: nn.Module) -> ScoreMap:
+        if self._active is not self.weights:
+            raise StaleStatisticsError("No weight-level statistics: call collect(model, loader, granularity='element').")
+        return self.weights.combined(*self._weights())
+
+    def channel_scores(self, model: nn.Module) -> ChannelScores | None:
+        if self._active is not self.channels:
+            return None
+        return self.channels.scores(*self._weights())
+
+
+@register_score("taylor_signed")
 class ClassDependentTaylor(Score):
-    """Class-dependent first-order Taylor score (the default).
+    """The project's first score: signed per-bucket Taylor contributions, combined, then ``|.|`` (kept for the
+    ablation; its signed sums cancel at a trained model, see :mod:`~classaware_plugin.core.statistics`).
 
     Args:
         important_classes: classes whose false negatives matter.
         num_classes: the model's output width.
         omega: weight of the important classes' saliency (a number, or one per important class).
         rest_weight: weight of the other classes' saliency; 0 scores by the important classes only.
-        normalization: ``'none'`` (default, chosen by the benchmark ablation) keeps sums, so omega =
-            rest_weight = 1 equals the class-agnostic Taylor score; ``'mean'`` divides each bucket by its sample
-            count (a rare class counts as much as a frequent one at equal weight).
+        normalization: ``'none'`` keeps sums, so omega = rest_weight = 1 equals the class-agnostic Taylor score;
+            ``'mean'`` divides each bucket by its sample count.
     """
 
+    options = ("omega", "rest_weight", "normalization")
     needs_data = True
 
     def __init__(
@@ -92,9 +216,10 @@ class ClassDependentTaylor(Score):
         self.omega = omega
         self.rest_weight = rest_weight
         self.normalization = normalization
-        self.stats.bucket_weights(omega, rest_weight, normalization)  # validate now, before any work
+        self.stats.bucket_weights(omega, rest_weight)  # validate now, before any work
 
-    def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False) -> None:
+    def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False,
+                granularity: str = "element") -> None:
         self.stats.collect(model, loader, max_batches=max_batches, progress=progress)
 
     def check_fresh(self) -> None:
@@ -111,7 +236,11 @@ class MagnitudeIncrease(Score):
     Call :meth:`set_rewind_point` (or pass ``snapshot``) with the weights to compare against.
     """
 
-    def __init__(self, snapshot: RewindSnapshot | None = None, **_: Any) -> None:
+    options = ("snapshot",)
+    needs_rewind = True
+    signed = True
+
+    def __init__(self, snapshot: RewindSnapshot | None = None) -> None:
         self.snapshot = snapshot
 
     def set_rewind_point(self, model: nn.Module) -> None:
@@ -140,9 +269,6 @@ class MagnitudeIncrease(Score):
 @register_score("magnitude")
 class Magnitude(Score):
     """Class-agnostic ``|w|`` (a baseline, and the lottery ticket's criterion)."""
-
-    def __init__(self, **_: Any) -> None:
-        pass
 
     def element_scores(self, model: nn.Module) -> ScoreMap:
         return {m: {n: p.detach().abs() for n, p in m.named_parameters(recurse=False)} for _, m in parameterised_modules(model)}

@@ -15,6 +15,7 @@ from .lottery import MaskSet
 from .progress import progress_bar
 
 OPTIMIZERS = ("adam", "sgd")
+SCHEDULES = ("constant", "cosine")
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -36,14 +37,18 @@ def train(
     masks: MaskSet | None = None,
     progress: bool = True,
     desc: str = "training",
+    schedule: str = "constant",
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
+
+    ``schedule='cosine'`` anneals the learning rate from ``lr`` to 0 over the call's steps (per step).
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
     check_non_empty_loader("loader", loader)
     check_number("epochs", epochs, low=0.0)
     check_number("lr", lr, low=0.0, low_open=True)
+    check_choice("schedule", schedule, SCHEDULES)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     if masks is not None:
         masks.apply()
@@ -51,6 +56,7 @@ def train(
     device = next(model.parameters()).device
     n_batches = len(loader)  # type: ignore[arg-type]
     total = max(1, int(round(epochs * n_batches))) if epochs > 0 else 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1)) if schedule == "cosine" else None
     losses: list[float] = []
     model.train()
     done = 0
@@ -75,6 +81,8 @@ def train(
                 raise NonFiniteLossError(f"The training loss became {value} at step {done + 1} of {total}.")
             loss.backward()
             opt.step()
+            if sched is not None:
+                sched.step()
             running += value
             seen += 1
             done += 1

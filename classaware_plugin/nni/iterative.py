@@ -52,12 +52,12 @@ class NNIBackend(ModelBackend):
         self._measured: tuple[float, dict[str, float]] | None = None
 
     @classmethod
-    def from_config(cls, model, example, cfg, important, loaders, finetune, score_kw):  # type: ignore[no-untyped-def]
+    def from_config(cls, model, example, cfg, important, loaders, finetune, score_options):  # type: ignore[no-untyped-def]
         """The CLI's construction: every Conv2d pruned by filters, the classifier left alone."""
         p = cfg["pruning"]
-        kw = {k: v for k, v in score_kw.items() if k not in ("important_classes",)}
         return cls(model, example, loaders["val"], important, loaders["calib"], finetune,
-                   pruner_kwargs={"score": p["score"], **kw}, calib_batches=p["calib_batches"])
+                   pruner_kwargs={"score": p["score"], **score_options},
+                   calib_batches=p["calib_batches"])
 
     # ----------------------------------------------------------------- backend interface
     def prune(self, fraction: float) -> None:

@@ -16,7 +16,8 @@ import torch
 from torch import nn
 
 from ..core._validation import ClassAwareError, check_important_classes, check_number
-from ..core.scores import Score, make_score
+from ..core.modelstate import infer_num_classes
+from ..core.scores import DEFAULT_SCORE, Score, make_score, score_class, score_options
 from ._compat import apply as _apply_compat
 from ._compat import silenced
 
@@ -52,8 +53,11 @@ class ClassAwarePruner(TaylorPruner):
             with ``max_sparse_ratio``); for ``granularity='out_channel'`` residual dependency groups and
             BatchNorm alignment are added automatically.
         important_classes: classes whose false negatives must be kept.
-        score: ``'taylor'`` (class-dependent Taylor, default), ``'magnitude_increase'``, ``'magnitude'``.
-        omega, rest_weight, normalization: options of the class-dependent Taylor score.
+        score: ``'fisher'`` (class-conditional Fisher, default), ``'taylor_signed'``, ``'magnitude'``. With
+            ``granularity='out_channel'`` the Fisher score measures each filter's output channel after its BatchNorm;
+            element-wise it scores weights by ``(w * g)^2`` per bucket.
+        omega, rest_weight, weighting, loss, normalization: the score's own options (``None``: its default; an option
+            the score does not have is refused).
         calib_loader: batches for the statistics when no evaluator is given.
         max_batches: at most this many batches feed the statistics.
         batch_to_xy: how to read (inputs, labels) from a training batch.
@@ -72,10 +76,12 @@ class ClassAwarePruner(TaylorPruner):
         evaluator: Any = None,
         training_steps: int = 1,
         important_classes: Sequence[int] = (),
-        score: str = "taylor",
-        omega: float | Mapping[int, float] = 4.0,
-        rest_weight: float = 1.0,
-        normalization: str = "none",
+        score: str = DEFAULT_SCORE,
+        omega: float | Mapping[int, float] | None = None,
+        rest_weight: float | None = None,
+        weighting: str | None = None,
+        loss: str | None = None,
+        normalization: str | None = None,
         num_classes: int | None = None,
         calib_loader: Iterable[Batch] | None = None,
         max_batches: int | None = None,
@@ -86,6 +92,11 @@ class ClassAwarePruner(TaylorPruner):
     ) -> None:
         important = check_important_classes(important_classes, num_classes)
         check_number("training_steps", training_steps, low=1, integer=True)
+        score_kwargs = score_options(score, omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
+                                     normalization=normalization)
+        if score_class(score).needs_rewind:
+            raise ClassAwareError(f"score={score!r} is not available in ClassAwarePruner (it needs a rewind point); "
+                                  "use 'fisher'.")
         if evaluator is None and calib_loader is None:
             raise ClassAwareError("ClassAwarePruner needs an 'evaluator' (NNI's flow) or a 'calib_loader'.")
         if max_batches is not None:
@@ -97,12 +108,14 @@ class ClassAwarePruner(TaylorPruner):
         self.important_classes = important
         self.num_classes = num_classes
         self.score_name = score
-        self.score_kwargs = dict(omega=omega, rest_weight=rest_weight, normalization=normalization) if score == "taylor" else {}
-        make_score(score, important_classes=important, num_classes=num_classes or max(important) + 2, **self.score_kwargs)
+        self.score_kwargs = score_kwargs
+        # Validate the options now, before any work (the real score is built when the number of classes is known).
+        make_score(score, important_classes=important, num_classes=num_classes or max(important) + 2, **score_kwargs)
         self.calib_loader = calib_loader
         self.max_batches = max_batches
         self.batch_to_xy = batch_to_xy
         self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._channel_level = False
 
     def _set_default_sparse_granularity(self, target_space: Any) -> None:
         # granularity 'default' (or absent) means element-wise, as for NNI's LevelPruner; 'out_channel' = filters.
@@ -112,12 +125,7 @@ class ClassAwarePruner(TaylorPruner):
     def _make_score(self, loader: Iterable[Batch]) -> Score:
         n = self.num_classes
         if n is None:
-            x, _ = next(iter(loader))[:2] if not isinstance(loader, list) else loader[0]
-            was = self.bound_model.training
-            self.bound_model.eval()
-            with torch.no_grad():
-                n = int(self.bound_model(x[:2]).shape[1])
-            self.bound_model.train(was)
+            n = infer_num_classes(self.bound_model, loader)
             check_important_classes(self.important_classes, n)
         return make_score(self.score_name, important_classes=self.important_classes, num_classes=n, **self.score_kwargs)
 
@@ -127,13 +135,25 @@ class ClassAwarePruner(TaylorPruner):
         if not self._batches and self.calib_loader is None:
             raise ClassAwareError("No batch reached ClassAwarePruner: did the evaluator's training loop run?")
         score = self._make_score(loader)
+        active = [space for spaces in self._target_spaces.values() for space in spaces.values() if is_active_target(space)]
+        granularity = "channel" if all(s.granularity == "out_channel" or s.align for s in active) else "element"
         if score.needs_data:
-            score.collect(self.bound_model, loader, max_batches=self.max_batches)
-        elif hasattr(score, "set_rewind_point"):
-            raise ClassAwareError("score='magnitude_increase' is not available in ClassAwarePruner; use 'taylor'.")
-        scores = score.element_scores(self.bound_model)
+            score.collect(self.bound_model, loader, max_batches=self.max_batches, granularity=granularity)
         self._batches = []
+        channels = score.channel_scores(self.bound_model) if granularity == "channel" else None
+        self._channel_level = channels is not None
         data: dict[str, dict[str, torch.Tensor]] = {}
+        if channels is not None:
+            # Each output channel's score broadcast over its block; _calculate_metrics takes the block mean back.
+            modules = dict(self.bound_model.named_modules())
+            for name, spaces in self._target_spaces.items():
+                v = channels.for_module(modules[name])
+                for target_name, space in spaces.items():
+                    if v is not None and is_active_target(space) and space.target is not None:
+                        t = space.target
+                        data.setdefault(name, {})[target_name] = v.to(t.device).view(-1, *[1] * (t.ndim - 1)).expand_as(t)
+            return data
+        scores = score.element_scores(self.bound_model)
         for owner, tensors in scores.items():
             if not isinstance(owner, ModuleWrapper):
                 continue
@@ -145,8 +165,17 @@ class ClassAwarePruner(TaylorPruner):
         return data
 
     def _calculate_metrics(self, data: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
-        # Step 2: element scores summed per NNI block (a filter for 'out_channel'), smaller = pruned.
-        return norm_metrics(p=1, data=data, target_spaces=self._target_spaces)
+        # Step 2: element scores summed per NNI block (a filter for 'out_channel'), smaller = pruned; channel scores
+        # (broadcast over their block) are the block mean.
+        if not self._channel_level:
+            return norm_metrics(p=1, data=data, target_spaces=self._target_spaces)
+        metrics: dict[str, dict[str, torch.Tensor]] = {}
+        for name, tensors in data.items():
+            for target_name, value in tensors.items():
+                scaler = self._target_spaces[name][target_name]._scaler
+                metrics.setdefault(name, {})[target_name] = (
+                    value if scaler is None else scaler.shrink(value, lambda t: t.mean(dim=-1), keepdim=True))
+        return metrics
 
     def _generate_sparsity(self, metrics: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
         # Step 3: NNI's own threshold -> dependency group -> global group -> sparse ratio -> align.

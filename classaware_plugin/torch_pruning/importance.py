@@ -18,8 +18,10 @@ from torch import nn
 from torch_pruning.pruner import function
 
 from ..core._validation import ClassAwareError, check_important_classes, check_number
-from ..core.saliency import ScoreMap, StaleStatisticsError, _fingerprint, parameterised_modules
-from ..core.scores import Score, make_score, reduce_to_channels
+from ..core.channels import ChannelScores
+from ..core.modelstate import infer_num_classes
+from ..core.scores import DEFAULT_SCORE, Score, make_score, reduce_to_channels, score_class, score_options
+from ..core.statistics import ScoreMap, StaleStatisticsError, fingerprint, parameterised_modules
 
 log = logging.getLogger(__name__)
 
@@ -31,17 +33,6 @@ _NORM = (
     function.prune_layernorm_out_channels,
     function.prune_groupnorm_out_channels,
 )
-_SIGNED_SCORES = ("magnitude_increase",)
-
-
-def _infer_num_classes(model: nn.Module, loader: Iterable[Any]) -> int:
-    x = next(iter(loader))[0]
-    was = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model(x[:2].to(next(model.parameters()).device))
-    model.train(was)
-    return int(out.shape[1])
 
 
 class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
@@ -49,9 +40,10 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
 
     Args:
         important_classes: classes whose false negatives must be kept.
-        score: a registered core score: ``'taylor'`` (class-dependent Taylor, default),
+        score: a registered core score: ``'fisher'`` (class-conditional Fisher, default), ``'taylor_signed'``,
             ``'magnitude_increase'`` (the paper's ``|w_T| - |w_0|``; call :meth:`set_rewind_point`), ``'magnitude'``.
-        omega, rest_weight, normalization: the class-dependent Taylor options (see ``ClassDependentTaylor``).
+        omega, rest_weight, weighting, loss, normalization: the score's own options (``None``: the score's default;
+            an option the score does not have is refused), see ``ClassConditionalFisher`` and ``ClassDependentTaylor``.
         model, dataloader: drop-in mode: statistics are refreshed automatically at every pruning step.
         max_batches: calibration batches per refresh (None = the whole loader).
         num_classes: the model's output width (inferred from one batch when omitted).
@@ -69,10 +61,12 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
     def __init__(
         self,
         important_classes: Sequence[int],
-        score: str = "taylor",
-        omega: float | Mapping[int, float] = 4.0,
-        rest_weight: float = 1.0,
-        normalization: str = "none",
+        score: str = DEFAULT_SCORE,
+        omega: float | Mapping[int, float] | None = None,
+        rest_weight: float | None = None,
+        weighting: str | None = None,
+        loss: str | None = None,
+        normalization: str | None = None,
         model: nn.Module | None = None,
         dataloader: Iterable[Any] | None = None,
         max_batches: int | None = None,
@@ -89,22 +83,23 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
             )
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
+        self.score_kwargs = score_options(score, omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
+                                          normalization=normalization)
         if normalizer == "auto":
-            normalizer = None if score in _SIGNED_SCORES else "mean"
+            normalizer = None if score_class(score).signed else "mean"
         super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer, bias=bias)
         self.important_classes = check_important_classes(important_classes, num_classes)
         self.score_name = score
-        self.score_kwargs = dict(omega=omega, rest_weight=rest_weight, normalization=normalization)
         self.model = model
         self.dataloader = dataloader
         self.max_batches = max_batches
         self.num_classes = num_classes
         self.progress = progress
         self.score: Score | None = None
-        if num_classes is not None or score != "taylor":
+        if num_classes is not None or not score_class(score).needs_data:
             self._build_score(num_classes)
         self._bound_model: nn.Module | None = model
-        self._cache: ScoreMap | None = None
+        self._cache: ChannelScores | ScoreMap | None = None
         self._cache_key: Any = None
         self.refreshes = 0
 
@@ -117,26 +112,27 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
 
     def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> ClassAwareImportance:
         """Gather class-dependent statistics on ``loader``; call before each ``pruner.step()`` (explicit mode)."""
-        if self.score is None or (self.score_name == "taylor" and self.num_classes is None):
-            n = _infer_num_classes(model, loader)
+        if self.score is None:
+            n = infer_num_classes(model, loader)
             check_important_classes(self.important_classes, n)
             self._build_score(n)
         assert self.score is not None
         self._bound_model = model
-        self.score.collect(model, loader, max_batches=max_batches or self.max_batches, progress=self.progress)
+        self.score.collect(model, loader, max_batches=max_batches or self.max_batches, progress=self.progress,
+                           granularity="channel")
         self._cache = None
         self.refreshes += 1
         return self
 
     def set_rewind_point(self, model: nn.Module) -> None:
         """For ``score='magnitude_increase'``: the weights ``w_0`` to compare against."""
-        if self.score is None or not hasattr(self.score, "set_rewind_point"):
+        if self.score is None or not self.score.needs_rewind:
             raise ClassAwareError(f"set_rewind_point() is for score='magnitude_increase', not {self.score_name!r}.")
-        self.score.set_rewind_point(model)  # type: ignore[attr-defined]
+        self.score.set_rewind_point(model)
         self._bound_model = model
         self._cache = None
 
-    def _element_scores(self) -> ScoreMap:
+    def _scores(self) -> ChannelScores | ScoreMap:
         if self.score is None or (self.score.needs_data and not self._is_fresh()):
             if self.model is None:
                 if self.score is None:
@@ -155,9 +151,10 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
             raise ClassAwareError(
                 f"score={self.score_name!r} needs the model: pass model= and dataloader=, or call collect(model, loader)."
             )
-        key = _fingerprint(m for _, m in parameterised_modules(model))
+        key = fingerprint(m for _, m in parameterised_modules(model))
         if self._cache is None or key != self._cache_key:
-            self._cache = self.score.element_scores(model)
+            channels = self.score.channel_scores(model)
+            self._cache = channels if channels is not None else self.score.element_scores(model)
             self._cache_key = key
         return self._cache
 
@@ -171,7 +168,9 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
     # ----------------------------------------------------------------- TP interface
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
-        scores = self._element_scores()
+        scores = self._scores()
+        if isinstance(scores, ChannelScores):
+            return self._gate_importance(group, scores)
         group_imp: list[torch.Tensor] = []
         group_idxs: list[list[int]] = []
         for i, (dep, idxs) in enumerate(group):
@@ -203,7 +202,32 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
                 group_idxs.append(root_idxs)
         if not group_imp:
             return None
-        return self._normalize(self._reduce(group_imp, group_idxs), self.normalizer)
+        return self._finish(group_imp, group_idxs)
+
+    def _finish(self, group_imp: list[torch.Tensor], group_idxs: list[list[int]]) -> torch.Tensor:
+        reduced = self._reduce(group_imp, group_idxs)
+        if not bool((reduced != 0).any()):
+            return reduced  # a group no sample depends on (dead channels): zeros, not TP's 0/0 = NaN under 'mean'
+        return self._normalize(reduced, self.normalizer)
+
+    def _gate_importance(self, group: Any, scores: ChannelScores) -> torch.Tensor | None:
+        # Every gate whose channels the group removes counts once (a conv and its BatchNorm share one gate).
+        group_imp: list[torch.Tensor] = []
+        group_idxs: list[list[int]] = []
+        seen: set[int] = set()
+        for i, (dep, idxs) in enumerate(group):
+            layer, fn = dep.target.module, dep.handler
+            if not (fn in _OUT or fn in _DEPTHWISE or fn in _NORM):
+                continue
+            gate = scores.gate(layer)
+            if gate is None or id(gate) in seen or gate not in scores.values:
+                continue
+            seen.add(id(gate))
+            group_imp.append(scores.values[gate][list(idxs)].float())
+            group_idxs.append(group[i].root_idxs)
+        if not group_imp:
+            return None
+        return self._finish(group_imp, group_idxs)
 
     def __repr__(self) -> str:
         return (

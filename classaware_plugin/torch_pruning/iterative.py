@@ -22,6 +22,7 @@ from ..core.calibration import last_linear
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
 from ..core.loss import ClassDependentLoss
 from ..core.backend import ModelBackend
+from ..core.scores import score_class
 from ..core.training import train
 from .importance import ClassAwareImportance
 
@@ -112,7 +113,7 @@ class TorchPruningBackend(ModelBackend):
             accumulate_gradients(self.model, self.calib_loader, self.calib_batches)
 
     def _rewinds(self) -> bool:
-        return isinstance(self.importance, ClassAwareImportance) and self.importance.score_name == "magnitude_increase"
+        return isinstance(self.importance, ClassAwareImportance) and score_class(self.importance.score_name).needs_rewind
 
     def prune(self, fraction: float) -> None:
         before = sum(p.numel() for p in self.model.parameters())
