@@ -1,5 +1,5 @@
 """python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency [--suite NAME ...]
-[--out DIR]; python -m benchmarks summarize [--out DIR]"""
+[--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +36,9 @@ def main() -> None:
     lat.add_argument("--out", type=Path)
     s = sub.add_parser("summarize")
     s.add_argument("--out", type=Path)
+    sc = sub.add_parser("scoring", help="time one scoring pass of ours vs TP GroupTaylorImportance (results/scoring.json)")
+    sc.add_argument("--out", type=Path)
+    sc.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
@@ -53,6 +56,15 @@ def main() -> None:
         t = time.time()
         run(args.suite, args.quick, out, seeds=args.seeds, methods=args.methods)
         logging.getLogger("benchmarks").info("all done in %.0f s", time.time() - t)
+    elif args.cmd == "scoring":
+        import torch
+
+        from .scoring import run as run_scoring
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_scoring(out)
+        return
     elif args.cmd == "latency":
         t = time.time()
         n = remeasure_latency(args.suite, out)

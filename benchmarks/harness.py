@@ -20,7 +20,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from classaware_plugin.cli.job import latency_ms
-from classaware_plugin.core import ClassDependentLoss, evaluate, set_quiet, train
+from classaware_plugin.core import ClassDependentLoss, evaluate, evaluate_predictions, fn_at_fpr, fpr_of, predict, set_quiet, train
 from classaware_plugin.core.progress import progress_bar
 from classaware_plugin.data import load_dataset
 from classaware_plugin.export import atomic_save, atomic_write_text, export_onnx
@@ -28,7 +28,7 @@ from classaware_plugin.models import build_model
 from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gradients, count_params_macs
 
 from .methods import CLASS_AWARE, NNI_METHODS, STRUCTURED, UNSTRUCTURED, Context
-from .suites import QUICK, SUITES, Suite
+from .suites import COMPARISONS, QUICK, SUITES, Suite
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
@@ -90,13 +90,17 @@ def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tup
 
 
 def measure(model: nn.Module, ctx: Context, unstructured: bool, dense_macs: int) -> dict[str, Any]:
-    ev = evaluate(model, ctx.loaders["test"], ctx.important, ctx.num_classes)
+    test = predict(model, ctx.loaders["test"])
+    ev = evaluate_predictions(*test, ctx.important, ctx.num_classes)
     c = ctx.important[0]
+    # FN at the dense model's validation FPR: threshold chosen on validation, applied to test.
+    op = fn_at_fpr(predict(model, ctx.loaders["val"]), test, c, ctx.dense_fpr)
     params, macs = count_params_macs(model, torch.zeros(1, *ctx.input_shape))
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     row = {
         "fn": ev.fn[c], "fn_rate": ev.fn[c] / max(ev.support[c], 1), "fp": ev.fp[c], "accuracy": ev.accuracy,
         "auc": ev.auc[c], "ap": ev.ap[c], "params": params - zeros if unstructured else params,
+        "fn_at_dense_fpr": op.test_fn, "fpr_at_dense_fpr": op.test_fpr, "dense_val_fpr": ctx.dense_fpr,
         "macs": macs if not unstructured else dense_macs,
     }
     return {**row, **latencies(model, ctx.input_shape)}
@@ -156,13 +160,15 @@ def remeasure_latency(names: list[str] | None, out: Path = RESULTS) -> int:
 def score_seconds(ctx: Context, method: str, structured: bool) -> float | None:
     """Time of one scoring pass of a data-driven score on the calibration batches (dense model)."""
     model = copy.deepcopy(ctx.dense)
-    if structured and method in ("ours_taylor", "tp_taylor"):
+    timed = {"ours_taylor": "taylor_signed", "so_fisher": "fisher", "tp_taylor": None, "so_tp_taylor": None}
+    if structured and method in timed:
         DG = tp.DependencyGraph().build_dependency(model, example_inputs=torch.zeros(1, *ctx.input_shape))
         last = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
         groups = list(DG.get_all_groups(ignored_layers=[last], root_module_types=[nn.Conv2d, nn.Linear]))
         t = time.perf_counter()
-        if method == "ours_taylor":
-            imp = ClassAwareImportance(ctx.important, num_classes=ctx.num_classes).collect(model, ctx.loaders["calib"])
+        if timed[method] is not None:
+            imp = ClassAwareImportance(ctx.important, score=timed[method], num_classes=ctx.num_classes)
+            imp.collect(model, ctx.loaders["calib"])
         else:
             imp = tp.importance.GroupTaylorImportance()
             accumulate_gradients(model, ctx.loaders["calib"])
@@ -191,6 +197,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
 
         ctx = Context(suite, seed, dense, init, early, loaders, bundle.num_classes, bundle.input_shape, bundle.train_counts,
                       previous)
+        ctx.dense_fpr = fpr_of(evaluate(dense, loaders["val"], ctx.important), ctx.important[0])
         dense_macs = count_params_macs(dense, torch.zeros(1, *bundle.input_shape))[1]
         if (suite.name, "dense", 0.0, seed) not in done:
             row = {"suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
@@ -211,6 +218,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                     "level": level,
                     "level_kind": {"structured": "macs_reduction", "unstructured": "sparsity", "nni": "sparse_ratio"}[suite.regime],
                     "method": method, "class_aware": method in CLASS_AWARE, "seed": seed,
+                    "comparison": comparison_of(method),
                     "seconds": time.time() - t, **info,
                     **measure(model, ctx, suite.regime == "unstructured", dense_macs),
                     "score_seconds": score_seconds(ctx, method, suite.regime == "structured"),
@@ -222,6 +230,14 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                 done[(suite.name, method, level, seed)] = row
                 rows.append(row)
     return rows
+
+
+def comparison_of(method: str) -> str:
+    """``score_only`` or ``pipeline`` for the methods of issue 10's two comparisons, else ``ablation``."""
+    for name, (ours, baselines) in COMPARISONS.items():  # score_only first: its baselines also serve the pipeline
+        if method == ours or method in baselines:
+            return name
+    return "ablation"
 
 
 def model_path(out: Path, suite: str, method: str, level: float, seed: int) -> Path:

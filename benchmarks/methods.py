@@ -46,6 +46,7 @@ class Context:
     train_counts: list[int]
     # (method, level) -> (pruned model, its raw row) of a method already run in this suite and seed, or None
     previous: Callable[[str, float], tuple[nn.Module, dict[str, Any]] | None] = lambda method, level: None
+    dense_fpr: float = 0.0                     # the dense model's validation FPR of the (first) important class
 
     @property
     def important(self) -> list[int]:
@@ -59,6 +60,7 @@ class Context:
     def finetuner(self, epochs: float, class_dependent: bool = True, after: Callable[[nn.Module], None] | None = None):
         loss = self.loss(class_dependent)
         counter = {"k": 0}
+        lr = self.suite.finetune_lr if self.suite.finetune_lr is not None else self.suite.lr / 2
 
         def finetune(m: nn.Module) -> None:
             counter["k"] += 1
@@ -66,7 +68,8 @@ class Context:
             self.loaders["generator"].manual_seed(self.seed * 7919 + counter["k"])  # same shuffles for every method
             if after is not None:
                 after(m)
-            train(m, self.loaders["train"], loss, epochs=epochs, lr=self.suite.lr / 2, progress=False)
+            train(m, self.loaders["train"], loss, epochs=epochs, lr=lr, schedule=self.suite.finetune_schedule,
+                  weight_decay=self.suite.weight_decay, progress=False)
 
         return finetune
 
@@ -90,6 +93,13 @@ def _finish(ctx: Context, model: nn.Module, res: Any) -> tuple[nn.Module, dict[s
                    "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
 
 
+def calibrate_to_dense(ctx: Context, model: nn.Module) -> dict[str, Any]:
+    """Decision calibration on validation, aiming at the dense model's validation FN."""
+    dense_val = evaluate(ctx.dense, ctx.loaders["val"], ctx.important)
+    cal = calibrate(model, ctx.loaders["val"], ctx.important, {c: dense_val.fn[c] for c in ctx.important})
+    return {"calibration_shift": {str(c): s for c, s in cal.shifts.items()}}
+
+
 def calibrated(base: str, table: dict[str, Callable[..., Any]]):
     """``base`` followed by decision calibration on validation (aim: the dense model's validation FN). Pruning is
     seeded, so the base method's pruned model is reused when this seed and level already ran it."""
@@ -101,15 +111,18 @@ def calibrated(base: str, table: dict[str, Callable[..., Any]]):
             info = {k: prev[1][k] for k in ("stop_reason", "attempts", "reached") if k in prev[1]}
         else:
             model, info = table[base](ctx, level)
-        dense_val = evaluate(ctx.dense, ctx.loaders["val"], ctx.important)
-        cal = calibrate(model, ctx.loaders["val"], ctx.important, {c: dense_val.fn[c] for c in ctx.important})
-        return model, {**info, "calibrated_from": base, "calibration_shift": {str(c): s for c, s in cal.shifts.items()}}
+        return model, {**info, "calibrated_from": base, **calibrate_to_dense(ctx, model)}
 
     return method
 
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
-def structured(score: str, fn_rule: bool, importance: str = "ours", **imp_kwargs: Any):
+def structured(score: str, fn_rule: bool, importance: str = "ours", class_dependent: bool = True,
+               calibration: bool = False, **imp_kwargs: Any):
+    """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
+    TP estimator or ours; ``class_dependent`` picks the fine-tuning loss, ``fn_rule`` the FN-constrained stop,
+    ``calibration`` decision calibration at the end."""
+
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
         if importance == "tp_magnitude":
@@ -118,14 +131,18 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", **imp_kwargs
             imp = tp.importance.GroupTaylorImportance()
         else:
             imp = ClassAwareImportance(ctx.important, score=score, num_classes=ctx.num_classes, **imp_kwargs)
-            if score == "magnitude_increase":
+            if imp.score is not None and imp.score.needs_rewind:
                 init = copy.deepcopy(model)
                 init.load_state_dict(ctx.init_state)
                 imp.set_rewind_point(init)  # first step: w_0 = initialisation, as in the paper
         backend = TorchPruningBackend(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
-                      calib_loader=ctx.loaders["calib"], finetune=ctx.finetuner(ctx.suite.finetune_epochs))
+                      calib_loader=ctx.loaders["calib"],
+                      finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent))
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
-        return _finish(ctx, model, res)
+        model, info = _finish(ctx, model, res)
+        if calibration:
+            info.update(calibrate_to_dense(ctx, model))
+        return model, info
 
     return method
 
@@ -155,11 +172,11 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
         kw: dict[str, Any] = {}
-        if score == "taylor":
+        if score in ("taylor_signed", "fisher"):
             kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes)
         elif score == "snip":
             kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes, omega=1.0, normalization="none")
-        s = make_score("taylor" if score == "snip" else score, **kw)
+        s = make_score("taylor_signed" if score == "snip" else score, **kw)
         if score == "magnitude_increase":
             s.snapshot = RewindSnapshot(ctx.early_state)
         rounds = max(1, math.ceil(math.log(1 - level) / math.log(0.5)))
@@ -177,16 +194,18 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
 
 
 STRUCTURED = {
-    "ours_taylor": structured("taylor", False),
-    "ours_taylor_fn": structured("taylor", True),
+    "ours_taylor": structured("taylor_signed", False),
+    "ours_taylor_fn": structured("taylor_signed", True),
     "ours_magnitude_increase": structured("magnitude_increase", False),
     "ours_magnitude_increase_fn": structured("magnitude_increase", True),
     "tp_magnitude": structured("", False, importance="tp_magnitude"),
     "tp_taylor": structured("", False, importance="tp_taylor"),
 }
 UNSTRUCTURED = {
-    "ours_taylor": unstructured("taylor"),
-    "ours_taylor_fn": unstructured("taylor", fn_rule=True),
+    "ours_taylor": unstructured("taylor_signed"),
+    "ours_taylor_fn": unstructured("taylor_signed", fn_rule=True),
+    "ours_fisher": unstructured("fisher"),
+    "ours_fisher_fn": unstructured("fisher", fn_rule=True),
     "ours_magnitude_increase": unstructured("magnitude_increase"),
     "magnitude": unstructured("magnitude"),
     "lottery_ticket": unstructured("magnitude", rewind=True, class_dependent=False),
@@ -201,13 +220,13 @@ CLASS_AWARE = {m for t in (STRUCTURED, UNSTRUCTURED) for m in t if m.startswith(
 
 # The ablation that decides the defaults of the class-dependent Taylor score (omega, normalisation, aggregation).
 ABLATION = {
-    f"abl_omega{w}_{n}": structured("taylor", False, omega=float(w), normalization=n)
+    f"abl_omega{w}_{n}": structured("taylor_signed", False, omega=float(w), normalization=n)
     for w in (1, 2, 4, 8) for n in ("mean", "none")
 }
 for n in ("mean", "none"):
-    ABLATION[f"abl_important_only_{n}"] = structured("taylor", False, omega=1.0, rest_weight=0.0, normalization=n)
+    ABLATION[f"abl_important_only_{n}"] = structured("taylor_signed", False, omega=1.0, rest_weight=0.0, normalization=n)
     for r in ("sum", "max"):  # channel aggregation over a group's layers (default: mean)
-        ABLATION[f"abl_omega4_{n}_{r}"] = structured("taylor", False, omega=4.0, normalization=n, group_reduction=r)
+        ABLATION[f"abl_omega4_{n}_{r}"] = structured("taylor_signed", False, omega=4.0, normalization=n, group_reduction=r)
 STRUCTURED.update(ABLATION)
 CLASS_AWARE.update(k for k in ABLATION if k != "abl_omega1_none")  # omega 1 without normalisation is class-agnostic
 
@@ -282,7 +301,7 @@ def structured_steps(reduction: float, step: float = 0.2) -> int:
     return max(1, math.ceil(math.log(reduction) / (-2 * math.log(1 - step))))
 
 
-def nni_one_shot(pruner_name: str, **pruner_kwargs: Any):
+def nni_one_shot(pruner_name: str, class_dependent: bool = True, **pruner_kwargs: Any):
     """One NNI pruning shot, speed-up, then fine-tuning. In an ``nni`` suite the level is NNI's sparse ratio and the
     fine-tune budget 3 x finetune_epochs; in a ``structured`` suite the level is a MACs reduction, reached by
     :func:`nni_ratio_for_macs`, and the budget is what the iterative methods get for that level
@@ -294,7 +313,7 @@ def nni_one_shot(pruner_name: str, **pruner_kwargs: Any):
         else:
             ratio, epochs = level, 3 * ctx.suite.finetune_epochs
         model = _nni_prune(ctx, copy.deepcopy(ctx.dense), ratio, pruner_name, **pruner_kwargs)
-        ctx.finetuner(epochs)(model)
+        ctx.finetuner(epochs, class_dependent=class_dependent)(model)
         info = {"stop_reason": "one_shot", "attempts": 1, "sparse_ratio": ratio, "finetune_epochs": epochs}
         if ctx.suite.regime != "structured":
             info["reached"] = level
@@ -304,9 +323,36 @@ def nni_one_shot(pruner_name: str, **pruner_kwargs: Any):
 
 
 NNI_METHODS = {
-    "nni_classaware": nni_one_shot("ClassAwarePruner"),
-    "nni_classaware_mean": nni_one_shot("ClassAwarePruner", normalization="mean"),  # the ablation's runner-up
+    "nni_classaware": nni_one_shot("ClassAwarePruner", score="taylor_signed"),  # the first score, as in the results
+    "nni_classaware_mean": nni_one_shot("ClassAwarePruner", score="taylor_signed", normalization="mean"),
     "nni_l1": nni_one_shot("L1NormPruner"),
     "nni_taylor": nni_one_shot("TaylorPruner"),
 }
 CLASS_AWARE.update({"nni_classaware", "nni_classaware_mean"})
+
+
+# ----------------------------------------------------------------------------- issue 10's protocol
+# Every method starts from the same cross-entropy-trained dense model per seed, with the same calibration batches,
+# step schedule (20% of the remaining channels per step), fine-tuning budget (finetune_epochs per step) and
+# fine-tuning seeds. score_only: cross-entropy fine-tuning for all, only the importance differs. pipeline: what a
+# TP/NNI user runs today (their estimators, cross-entropy fine-tuning) against our whole pipeline (class-dependent
+# fine-tuning loss, Fisher score, FN rule, calibration). fb_*: every score under the same FN-constrained loop
+# (how far each gets within the FN budget).
+PROTOCOL = {
+    "so_fisher": structured("fisher", False, class_dependent=False),
+    "so_fisher_margin": structured("fisher", False, class_dependent=False, loss="margin"),
+    "so_fisher_agnostic": structured("fisher", False, class_dependent=False, weighting="count"),
+    "so_taylor_signed": structured("taylor_signed", False, class_dependent=False),
+    "so_tp_taylor": structured("", False, importance="tp_taylor", class_dependent=False),
+    "so_tp_magnitude": structured("", False, importance="tp_magnitude", class_dependent=False),
+    "pl_ours": structured("fisher", True, class_dependent=True, calibration=True),
+    "fb_fisher": structured("fisher", True, class_dependent=False),
+    "fb_tp_taylor": structured("", True, importance="tp_taylor", class_dependent=False),
+    "fb_tp_magnitude": structured("", True, importance="tp_magnitude", class_dependent=False),
+}
+STRUCTURED.update(PROTOCOL)
+NNI_METHODS.update({
+    "pl_nni_l1": nni_one_shot("L1NormPruner", class_dependent=False),
+    "pl_nni_taylor": nni_one_shot("TaylorPruner", class_dependent=False),
+})
+CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_taylor_signed", "pl_ours", "fb_fisher"})

@@ -87,12 +87,17 @@ SUITES: dict[str, Suite] = {
 # >= 20k training images, 5 paired seeds, FN at the dense model's FPR; two comparisons kept apart (see methods.py).
 FASHION_20K = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 25000},
                        "Fashion-MNIST, Shirt rare (10%), 20.2k train")
-PROTOCOL_SCORE_ONLY = ("so_fisher", "so_tp_taylor", "so_tp_magnitude")
-PROTOCOL_PIPELINE = ("pl_ours", "pl_nni_l1", "pl_nni_taylor")
-PROTOCOL_EXTRA = ("so_fisher_margin", "so_taylor_signed", "fb_fisher", "fb_tp_taylor", "fb_tp_magnitude")
+COMPARISONS = {
+    # comparison -> (our method, the class-agnostic methods it is compared with; the best of them is the baseline)
+    "score_only": ("so_fisher", ("so_tp_taylor", "so_tp_magnitude")),
+    "pipeline": ("pl_ours", ("so_tp_taylor", "so_tp_magnitude", "pl_nni_l1", "pl_nni_taylor")),
+}
+PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
+                    "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
+                    "fb_tp_magnitude")
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
-    PROTOCOL_SCORE_ONLY + PROTOCOL_PIPELINE + PROTOCOL_EXTRA, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
+    PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
     lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
     finetune_schedule="cosine")
 

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 FIELDS = ("fn", "fn_rate", "fp", "accuracy", "auc", "ap", "params", "macs", "latency_ms_b1", "latency_ms_b64",
-          "onnx_latency_ms_b1", "onnx_latency_ms_b64", "score_seconds", "reached")
+          "onnx_latency_ms_b1", "onnx_latency_ms_b64", "score_seconds", "reached", "fn_at_dense_fpr", "fpr_at_dense_fpr")
 
 
 def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
@@ -41,6 +41,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
             row[f"{f}_mean"], row[f"{f}_std"] = m, s
         row["latency_ms_b1"], row["score_seconds"] = row["latency_ms_b1_mean"], row["score_seconds_mean"]  # issue's keys
         row["stop_reasons"] = sorted({r.get("stop_reason") for r in rs if r.get("stop_reason")})
+        row["comparison"] = rs[0].get("comparison", "ablation")
         row["latency_quiet"] = all(r.get("latency_pass") for r in rs)  # re-measured alone by `benchmarks latency`
         summary_rows.append(row)
     dense_summary = {}
@@ -49,12 +50,53 @@ def summarize(out: Path) -> dict[str, Any] | None:
         for f in FIELDS:
             d[f"{f}_mean"], d[f"{f}_std"] = _mean_std([r.get(f) for r in rs])
         dense_summary[suite] = d
+    paired(summary_rows, groups)
     summary = {"rows": summary_rows, "dense": dense_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "tables.md").write_text(tables(summary))
-    (out / "headline.md").write_text(headline(summary))
+    (out / "headline.md").write_text(headline(summary) + "\n" + comparisons(summary))
     plots(summary, out)
     return summary
+
+
+def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict[str, Any] | None:
+    """Mean of ``ours[seed] - base[seed]`` over the seeds both have, with a 95% t confidence interval."""
+    from scipy import stats
+
+    seeds = sorted(set(ours) & set(base))
+    if len(seeds) < 2:
+        return None
+    d = np.array([ours[k] - base[k] for k in seeds], dtype=float)
+    half = float(stats.t.ppf(0.975, len(d) - 1) * d.std(ddof=1) / np.sqrt(len(d)))
+    mean_base = float(np.mean([base[k] for k in seeds]))
+    return {"seeds": len(seeds), "mean_diff": float(d.mean()), "ci_low": float(d.mean() - half),
+            "ci_high": float(d.mean() + half),
+            "ratio": float(np.mean([ours[k] for k in seeds]) / mean_base) if mean_base else None}
+
+
+def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]]) -> None:
+    """Issue 10's two comparisons: for our method of each comparison, the paired difference of FN at the dense
+    model's FPR to the class-agnostic method with the lowest mean (the baseline), per suite and level. Stored as
+    ``paired`` on our row; also the same against every other baseline (``paired_all``)."""
+    from .suites import COMPARISONS
+
+    per_seed: dict[tuple, dict[int, float]] = {}
+    for key, rs in groups.items():
+        suite, level, method = key[0], key[4], key[6]
+        per_seed[(suite, level, method)] = {r["seed"]: r["fn_at_dense_fpr"] for r in rs
+                                            if r.get("fn_at_dense_fpr") is not None}
+    for row in summary_rows:
+        for ours, baselines in COMPARISONS.values():
+            if row["method"] != ours:
+                continue
+            here = {b: per_seed.get((row["suite"], row["level"], b), {}) for b in baselines}
+            here = {b: v for b, v in here.items() if v}
+            mine = per_seed.get((row["suite"], row["level"], ours), {})
+            if not here or not mine:
+                continue
+            best = min(here, key=lambda b: np.mean(list(here[b].values())))
+            row["paired"] = {"baseline": best, **(paired_difference(mine, here[best]) or {})}
+            row["paired_all"] = {b: paired_difference(mine, v) for b, v in here.items()}
 
 
 def _f(x: Any, digits: int = 1) -> str:
@@ -73,13 +115,15 @@ def tables(summary: dict[str, Any]) -> str:
                 f"Dense: important-class FN {_f(d.get('fn_mean'))} ± {_f(d.get('fn_std'))}, accuracy "
                 f"{_f(100 * d['accuracy_mean'] if d.get('accuracy_mean') is not None else None)}%, AUC {_f(d.get('auc_mean'), 4)}, "
                 f"params {_f(d.get('params_mean'), 0)}, MACs {_f(d.get('macs_mean'), 0)} ({d.get('seeds', 0)} seeds).", "",
-                f"| {kind} | method | class-aware | seeds | FN (test) | FP | accuracy % | AUC | AP | params | MACs | reached | "
-                "latency b1 ms (torch / ORT) | score s | stop |",
-                "|---:|---|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+                f"| {kind} | method | class-aware | seeds | FN (test) | FN at dense FPR | FP | accuracy % | AUC | AP | params | "
+                "MACs | reached | latency b1 ms (torch / ORT) | score s | stop |",
+                "|---:|---|:---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for r in sorted(rs, key=lambda r: (r["level"], r["method"])):
             out.append(
                 f"| {r['level']} | {r['method']} | {'yes' if r['class_aware'] else 'no'} | {r['seeds']} | "
-                f"{_f(r['fn_mean'])} ± {_f(r['fn_std'])} | {_f(r['fp_mean'])} | {_f(100 * r['accuracy_mean'])} | "
+                f"{_f(r['fn_mean'])} ± {_f(r['fn_std'])} | "
+                f"{_f(r['fn_at_dense_fpr_mean'])}{'' if r['fn_at_dense_fpr_std'] is None else ' ± ' + _f(r['fn_at_dense_fpr_std'])} | "
+                f"{_f(r['fp_mean'])} | {_f(100 * r['accuracy_mean'])} | "
                 f"{_f(r['auc_mean'], 4)} | {_f(r['ap_mean'], 3)} | {_f(r['params_mean'], 0)} | {_f(r['macs_mean'], 0)} | "
                 f"{_f(r['reached_mean'], 2)} | {_f(r['latency_ms_b1_mean'], 2)} / {_f(r['onnx_latency_ms_b1_mean'], 2)}"
                 f"{'' if r['latency_quiet'] else ' *'} | "
@@ -93,6 +137,28 @@ def tables(summary: dict[str, Any]) -> str:
 
 OURS = ("ours_taylor", "nni_classaware")  # our default per suite, in this order of preference
 WITH_RULE = "ours_taylor_fn"
+
+
+def comparisons(summary: dict[str, Any]) -> str:
+    """Issue 10's table: our method of each comparison against the best class-agnostic method, FN at the dense
+    model's FPR (test, threshold from validation), paired over seeds."""
+    out = ["| suite | comparison | level | ours: FN at dense FPR | baseline: method, FN at dense FPR | paired diff (95% CI) "
+           "| ratio | FN at argmax ours / baseline | accuracy % ours / baseline | AUC ours / baseline | reached ours |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+    rows = {(r["suite"], r["level"], r["method"]): r for r in summary["rows"]}
+    for r in summary["rows"]:
+        p = r.get("paired")
+        if not p or "mean_diff" not in p:
+            continue
+        b = rows[(r["suite"], r["level"], p["baseline"])]
+        out.append(
+            f"| {r['suite']} | {r['comparison']} | {r['level']} | {_f(r['fn_at_dense_fpr_mean'])} ± "
+            f"{_f(r['fn_at_dense_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_dense_fpr_mean'])} ± "
+            f"{_f(b['fn_at_dense_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
+            f"{p['ratio']:.3f} | {_f(r['fn_mean'])} / {_f(b['fn_mean'])} | {_f(100 * r['accuracy_mean'])} / "
+            f"{_f(100 * b['accuracy_mean'])} | {_f(r['auc_mean'], 4)} / {_f(b['auc_mean'], 4)} | {_f(r['reached_mean'], 2)} |"
+        )
+    return "\n".join(out) + "\n"
 
 
 def headline(summary: dict[str, Any]) -> str:

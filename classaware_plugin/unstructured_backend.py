@@ -77,6 +77,12 @@ class UnstructuredBackend(ModelBackend):
             out["macs"] = self.macs
         return out
 
+    def extra_state(self) -> dict[str, Any]:
+        return {"macs": self.macs}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.macs = state.get("macs", self.macs)
+
     def max_fraction(self, key: str, target: float) -> float:
         m = self.measure()
         if key == "sparsity" and m["sparsity"] < target:

@@ -61,8 +61,13 @@ def test_default_run_writes_every_output(default_run):
     v = report["pruned"]["validation"]["fn"]["3"]
     assert v <= report["constraint"]["budget"]["3"]
     assert report["pruned"]["macs"] <= report["dense"]["macs"]
+    # FN at the dense model's validation FPR, for dense and pruned: the threshold keeps validation FPR within it.
+    for which in ("dense", "pruned"):
+        op = report[which]["at_dense_fpr"]["3"]
+        assert op["val_fpr"] <= op["target_fpr"] + 1e-12 and 0 <= op["test_fn"] <= report[which]["support"]["3"]
+        assert op["target_fpr"] == report["dense"]["at_dense_fpr"]["3"]["target_fpr"]
     md = (default_run / "report.md").read_text()
-    assert "(important)" in md and "Why it stopped" in md
+    assert "(important)" in md and "Why it stopped" in md and "At the dense model's false-alarm rate" in md
     assert (default_run / "config.yaml").is_file() and (default_run / "pruned.pt").is_file()
 
 
@@ -117,6 +122,11 @@ def test_config_default_prints_a_valid_commented_configuration(capsys):
         ("model.checkpoint=/nonexistent.pt", "'model.checkpoint' names '/nonexistent.pt'"),
         ("data=3", "'data' must be a mapping"),
         ("pruning.backend=nni pruning.score=magnitude_increase", "not available with pruning.backend=nni"),
+        ("pruning.normalization=mean", "'normalization' does not apply to score='fisher'"),
+        ("pruning.score=magnitude pruning.omega=2", "'omega' does not apply to score='magnitude'"),
+        ("pruning.weighting=uniform", "'weighting' parameter must be one of 'balanced', 'count', 'sum'"),
+        ("pruning.loss=hinge", "'loss' parameter must be one of 'ce', 'margin'"),
+        ("pruning.omega=-1", "'omega'"),
     ],
 )
 def test_every_bad_configuration_is_refused_before_work(override, message):
@@ -156,7 +166,8 @@ def test_resume_after_kill_9_reaches_the_same_history(tmp_path):
                 s = torch.load(state, weights_only=False)
             except Exception:  # noqa: BLE001 - being replaced right now; atomic rename means retry works
                 s = None
-            if s is not None and s["stage"] == "pruning" and len(s["controller"]["history"]) >= 2:
+            # Killed after the first attempt: the resumed run must keep the *dense* model as its MACs reference.
+            if s is not None and s["stage"] == "pruning" and len(s["controller"]["history"]) >= 1:
                 proc.send_signal(signal.SIGKILL)
                 killed_at = len(s["controller"]["history"])
                 break
@@ -167,9 +178,41 @@ def test_resume_after_kill_9_reaches_the_same_history(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a = json.loads((ref_dir / "report.json").read_text())
     b = json.loads((killed_dir / "report.json").read_text())
-    assert [(r["decision"], r["macs"], r["fn"], r["accuracy"]) for r in a["history"]] == \
-           [(r["decision"], r["macs"], r["fn"], r["accuracy"]) for r in b["history"]]
+    assert [(r["decision"], r["macs"], r["macs_reduction"], r["fn"], r["accuracy"]) for r in a["history"]] == \
+           [(r["decision"], r["macs"], r["macs_reduction"], r["fn"], r["accuracy"]) for r in b["history"]]
     assert a["pruned"]["fn"] == b["pruned"]["fn"] and a["pruned"]["params"] == b["pruned"]["params"]
+    assert a["pruned"]["macs"] == b["pruned"]["macs"] and a["dense"]["macs"] == b["dense"]["macs"]
+    ma = torch.load(ref_dir / "pruned.pt", weights_only=False).state_dict()
+    mb = torch.load(killed_dir / "pruned.pt", weights_only=False).state_dict()
+    assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)  # bit for bit
+
+
+def test_force_clears_only_a_run_directory(tmp_path, capsys):
+    data = tmp_path / "my_data"
+    data.mkdir()
+    (data / "precious.csv").write_text("1,2,3\n")
+    assert main(["run", "--quiet", "--out", str(data), "--force"]) == 2
+    assert "not a classaware-prune run directory" in capsys.readouterr().err
+    assert (data / "precious.csv").read_text() == "1,2,3\n"
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert main(["run", "--quiet", "--out", str(a_file)]) == 2
+    assert "is a file" in capsys.readouterr().err
+
+
+def test_resume_refuses_new_settings_and_explains_an_unstarted_directory(tmp_path, capsys):
+    from classaware_plugin.cli.job import MARKER, prepare_run_dir
+
+    d = prepare_run_dir(tmp_path / "r", force=False)
+    assert (d / MARKER).is_file()
+    assert main(["run", "--quiet", "--resume", str(d)]) == 2
+    assert f"classaware-prune run --out {d} --force" in capsys.readouterr().err
+    assert main(["run", "--quiet", "--resume", str(d), "--set", "seed=1"]) == 2
+    assert "cannot change a run midway" in capsys.readouterr().err
+    (d / "report.md").write_text("old")
+    (d / "mine.txt").write_text("kept")
+    prepare_run_dir(d, force=True)
+    assert not (d / "report.md").exists() and (d / "mine.txt").read_text() == "kept"
 
 
 def test_ctrl_c_leaves_a_resumable_directory_and_says_so(tmp_path):

@@ -23,7 +23,7 @@ from ..core._validation import ClassAwareError
 from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
-from ..core.metrics import Evaluation, evaluate
+from ..core.metrics import Evaluation, evaluate, fn_at_fpr, fpr_of, predict
 from ..core.scores import make_score
 from ..core.training import train
 from ..data import DataBundle, load_dataset
@@ -124,6 +124,12 @@ def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int
     }
 
 
+def operating_points(model: nn.Module, dl: dict[str, Any], important: list[int], dense_val: Evaluation) -> dict[str, Any]:
+    """Per important class: test FN at the dense model's validation false-positive rate (threshold on validation)."""
+    val, test = predict(model, dl["val"]), predict(model, dl["test"])
+    return {str(c): fn_at_fpr(val, test, c, fpr_of(dense_val, c)).to_dict() for c in important}
+
+
 class Job:
     """One run of ``classaware-prune run`` in ``run_dir``."""
 
@@ -212,9 +218,10 @@ class Job:
             )
         return load_model(path)
 
-    def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None) -> None:
+    def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None,
+                    backend: Any = None) -> None:
         atomic_save({"stage": stage, "model": model, "controller": loop.state_dict() if loop else None,
-                     **(extra or {})}, self.dir / STATE)
+                     "backend": backend.state_dict() if backend is not None else None, **(extra or {})}, self.dir / STATE)
 
     # ----------------------------------------------------------------- the whole job
     def run(self) -> dict[str, Any]:
@@ -233,9 +240,11 @@ class Job:
         if dense_path.exists():
             dense_metrics = json.loads(dense_path.read_text())
         else:
+            val = evaluate(dense, dl["val"], important, bundle.num_classes)
             dense_metrics = {
-                "test": summarise(dense, evaluate(dense, dl["test"], important, bundle.num_classes), example),
-                "validation": evaluate(dense, dl["val"], important, bundle.num_classes).to_dict(),
+                "test": {**summarise(dense, evaluate(dense, dl["test"], important, bundle.num_classes), example),
+                         "at_dense_fpr": operating_points(dense, dl, important, val)},
+                "validation": val.to_dict(),
             }
             atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
         dense_val = Evaluation.from_dict(dense_metrics["validation"])
@@ -248,9 +257,12 @@ class Job:
         constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"])
         p = cfg["pruning"]
 
+        if state is not None and state.get("backend"):
+            backend.load_state_dict(state["backend"])  # the true dense reference, NNI's masks, the rewind point
+
         def on_record(rec: StepRecord, loop: FNConstrainedPruning) -> None:
             if rec.decision != "rollback":  # an interrupted attempt is redone on resume, not recorded
-                self._checkpoint(model, loop, "pruning")
+                self._checkpoint(model, loop, "pruning", backend=backend)
 
         loop = FNConstrainedPruning(backend, constraint, target=target, target_key=key, step=p["step"],
                                     max_halvings=p["max_halvings"], max_steps=p["max_steps"], on_record=on_record)
@@ -262,14 +274,14 @@ class Job:
             make_permanent(model)  # unstructured masks baked into plain weights (no-op for structured)
             if hasattr(backend, "finalize"):
                 backend.finalize()  # NNI: ModelSpeedup removes the masked channels
-            self._checkpoint(model, loop, "pruned")
+            self._checkpoint(model, loop, "pruned", backend=backend)
             state = {"stage": "pruned"}
         # Step 5: decision calibration (validation only), before export so it survives in every file.
         calibration = state.get("calibration")
         if cfg["calibration"] and state["stage"] == "pruned":
             cal = calibrate(model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
             calibration = cal.to_dict()
-            self._checkpoint(model, loop, "calibrated", {"calibration": calibration})
+            self._checkpoint(model, loop, "calibrated", {"calibration": calibration}, backend=backend)
         pruned_val = evaluate(model, dl["val"], important, bundle.num_classes)
         # Step 6: export.
         save_model(model.eval(), d / "pruned.pt")
@@ -284,7 +296,8 @@ class Job:
             "dataset": bundle.name,
             "class_names": bundle.class_names,
             "dense": {**dense_metrics["test"], "validation": dense_metrics["validation"]},
-            "pruned": {**summarise(model, pruned_test, example, macs), "validation": pruned_val.to_dict()},
+            "pruned": {**summarise(model, pruned_test, example, macs), "validation": pruned_val.to_dict(),
+                       "at_dense_fpr": operating_points(model, dl, important, dense_val)},
             "constraint": {
                 "important_classes": important,
                 "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
@@ -301,17 +314,46 @@ class Job:
         from .report import write_report
 
         write_report(report, d)
-        self._checkpoint(model, loop, "done", {"calibration": calibration})
+        self._checkpoint(model, loop, "done", {"calibration": calibration}, backend=backend)
         return report
 
 
+MARKER = ".classaware-run"
+"""Written first into every run directory: ``--force`` deletes only directories that carry it."""
+RUN_FILES = (MARKER, "config.yaml", STATE, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx",
+             "report.json", "report.md", "fn_vs_compression.png")
+"""Everything a run writes (``--force`` removes these and nothing else)."""
+
+
 def prepare_run_dir(path: Path, force: bool) -> Path:
+    """Create the run directory, or with ``force`` clear a previous run's files from it.
+
+    A non-empty directory is reused only when it is a run directory (it has the marker file); ``--force`` then
+    deletes the files a run writes and nothing else, so ``--out ~/data --force`` cannot erase a user's data.
+    """
+    if path.exists() and not path.is_dir():
+        raise ClassAwareError(f"The run directory {str(path)!r} is a file; choose a directory for --out.")
     if path.exists() and any(path.iterdir()):
         if not force:
             raise ClassAwareError(
                 f"The run directory {str(path)!r} is not empty. Resume it with 'classaware-prune run --resume {path}', "
                 "choose another output_dir, or pass --force to start over."
             )
-        shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
+        if not (path / MARKER).exists():
+            raise ClassAwareError(
+                f"--force refused: {str(path)!r} is not empty and is not a classaware-prune run directory (it has no "
+                f"{MARKER} file), so nothing in it is deleted. Choose an empty or new directory for --out."
+            )
+        for name in RUN_FILES:
+            (path / name).unlink(missing_ok=True)
+            for tmp in path.glob(f".{name}.*"):  # leftovers of an interrupted atomic write
+                tmp.unlink(missing_ok=True)
+        left = sorted(p.name for p in path.iterdir())
+        if left:
+            log.warning("--force kept files that no run writes in %s: %s", path, ", ".join(left[:10]))
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        (path / MARKER).write_text("classaware-prune run directory; --force may clear the files a run writes here\n")
+    except OSError as e:
+        raise ClassAwareError(f"Cannot write the run directory {str(path)!r}: {e.strerror}. Choose a writable --out.") from None
     return path

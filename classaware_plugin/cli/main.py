@@ -56,10 +56,23 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .job import Job, prepare_run_dir
 
     set_quiet(args.quiet)
+    from ..core._validation import ClassAwareError
+    from .job import MARKER
+
     if args.resume:
         run_dir = Path(args.resume)
+        if args.config or args.set:
+            raise ClassAwareError(
+                f"--resume continues {run_dir} with the configuration saved in it (config.yaml); --config and --set "
+                "cannot change a run midway. Start a new run with them instead."
+            )
         if not (run_dir / "config.yaml").is_file():
-            raise SystemExit(f"error: {run_dir} is not a run directory (no config.yaml).")
+            if (run_dir / MARKER).is_file():
+                raise ClassAwareError(
+                    f"{run_dir} was stopped before it saved its configuration, so there is nothing to resume; start it "
+                    f"again with: classaware-prune run --out {run_dir} --force (and the --config/--set you used)."
+                )
+            raise ClassAwareError(f"{run_dir} is not a run directory (no config.yaml).")
         cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
         validate(cfg)
         log.info("resuming %s", run_dir)

@@ -69,6 +69,14 @@ def write_markdown(report: dict[str, Any]) -> str:
             f"{report['pruned']['validation']['fn'][k]} (pruned), budget {budget[k]}; test AUC-ROC "
             f"{_auc(dense['auc'].get(k))} -> {_auc(pruned['auc'].get(k))}."
         )
+        d_op, p_op = dense.get("at_dense_fpr", {}).get(k), pruned.get("at_dense_fpr", {}).get(k)
+        if d_op and p_op:
+            lines.append(
+                f"  At the dense model's false-alarm rate ({_fmt_pct(d_op['target_fpr'])} on validation; threshold "
+                f"chosen on validation): test misses {d_op['test_fn']} (dense) -> {p_op['test_fn']} (pruned), false-alarm "
+                f"rate {_fmt_pct(d_op['test_fpr'])} -> {_fmt_pct(p_op['test_fpr'])}; average precision "
+                f"{_auc(dense['ap'].get(k))} -> {_auc(pruned['ap'].get(k))}."
+            )
     sat = report["constraint"]["satisfied"]
     lines += [
         f"- Constraint on the validation split: **{'satisfied' if sat else 'NOT satisfied'}** "

@@ -103,6 +103,15 @@ class NNIBackend(ModelBackend):
         self.masks, self.ratio = copy.deepcopy(state[1]), state[2]
         self._measured = None
 
+    def extra_state(self) -> dict[str, Any]:
+        return {"masks": copy.deepcopy(self.masks), "ratio": self.ratio}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.masks, self.ratio = copy.deepcopy(state.get("masks", {})), float(state.get("ratio", 0.0))
+
+    def invalidate(self) -> None:
+        self._measured = None
+
     def measure(self) -> dict[str, float]:
         """Params and MACs of the model NNI's speed-up would produce from the current masks."""
         if self._measured is None or self._measured[0] != self.ratio:

@@ -21,6 +21,7 @@ from ..core._validation import ClassAwareError, check_important_classes, check_n
 from ..core.calibration import last_linear
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
 from ..core.loss import ClassDependentLoss
+from ..core.lottery import RewindSnapshot
 from ..core.backend import ModelBackend
 from ..core.scores import score_class
 from ..core.training import train
@@ -131,6 +132,16 @@ class TorchPruningBackend(ModelBackend):
     def snapshot(self) -> Any:
         model = super().snapshot()
         return (model, self.importance.score.snapshot) if self._rewinds() else model
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"rewind_point": self.importance.score.snapshot.tensors} if self._rewinds() else {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        if self._rewinds() and state.get("rewind_point") is not None:
+            self.importance.score.snapshot = RewindSnapshot(state["rewind_point"])
+
+    def invalidate(self) -> None:
+        self._measure_cache = None
 
     def restore(self, state: Any) -> None:
         if self._rewinds():
