@@ -187,6 +187,49 @@ def test_resume_after_kill_9_reaches_the_same_history(tmp_path):
     assert ma.keys() == mb.keys() and all(torch.equal(ma[k], mb[k]) for k in ma)  # bit for bit
 
 
+class _Killed(KeyboardInterrupt):
+    """Stands for a kill right after a checkpoint was written (the checkpoint is complete, nothing after it ran)."""
+
+
+@pytest.mark.parametrize("kill_at", ["pruning:accept", "pruning:after_accept", "pruned", "calibrated"])
+def test_resume_is_exact_wherever_the_run_is_killed(default_run, tmp_path, monkeypatch, kill_at):
+    """In-process and deterministic: the run is stopped right after the named checkpoint (the k-th pruning attempt,
+    or a later stage), resumed, and must match the uninterrupted run exactly: history (MACs reduction against the
+    true dense model included), final architecture and weights."""
+    from classaware_plugin.cli import job as job_mod
+
+    ref = json.loads((default_run / "report.json").read_text())
+    stage, _, where = kill_at.partition(":")
+    k = 0
+    if stage == "pruning":  # after an accepted attempt the checkpointed model is pruned: the hard case for resume
+        accepted = [r["attempt"] for r in ref["history"] if r["decision"] == "accept"]
+        assert accepted, "the reference run accepted no attempt"
+        k = accepted[0] + (where == "after_accept")
+        assert k < len(ref["history"]), "the reference run ends there; no later kill point"
+    original = job_mod.Job._checkpoint
+    seen = {"n": 0}
+
+    def checkpoint_then_die(self, model, loop, st, extra=None, backend=None):
+        original(self, model, loop, st, extra, backend=backend)
+        if st == stage:
+            seen["n"] += 1
+            if stage != "pruning" or seen["n"] == k:
+                raise _Killed()
+
+    out = tmp_path / "killed"
+    monkeypatch.setattr(job_mod.Job, "_checkpoint", checkpoint_then_die)
+    assert main(["run", "--quiet", "--out", str(out), *_sets(FAST)]) == 130
+    monkeypatch.setattr(job_mod.Job, "_checkpoint", original)
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    got = json.loads((out / "report.json").read_text())
+    keys = ("attempt", "decision", "macs", "macs_reduction", "fn", "accuracy")
+    assert [[r[x] for x in keys] for r in got["history"]] == [[r[x] for x in keys] for r in ref["history"]]
+    assert got["stop_reason"] == ref["stop_reason"] and got["pruned"]["macs"] == ref["pruned"]["macs"]
+    ma = torch.load(default_run / "pruned.pt", weights_only=False).state_dict()
+    mb = torch.load(out / "pruned.pt", weights_only=False).state_dict()
+    assert ma.keys() == mb.keys() and max(float((ma[x].float() - mb[x].float()).abs().max()) for x in ma) == 0.0
+
+
 def test_force_clears_only_a_run_directory(tmp_path, capsys):
     data = tmp_path / "my_data"
     data.mkdir()
