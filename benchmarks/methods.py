@@ -168,7 +168,7 @@ class _LotteryBackend(UnstructuredBackend):
 
 
 def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_dependent: bool = True,
-                 one_shot: bool = False):
+                 one_shot: bool = False, **score_kw: Any):
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
         kw: dict[str, Any] = {}
@@ -176,7 +176,7 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
             kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes)
         elif score == "snip":
             kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes, omega=1.0, normalization="none")
-        s = make_score("taylor_signed" if score == "snip" else score, **kw)
+        s = make_score("taylor_signed" if score == "snip" else score, **kw, **score_kw)
         if score == "magnitude_increase":
             s.snapshot = RewindSnapshot(ctx.early_state)
         rounds = max(1, math.ceil(math.log(1 - level) / math.log(0.5)))
@@ -356,3 +356,11 @@ NNI_METHODS.update({
     "pl_nni_taylor": nni_one_shot("TaylorPruner", class_dependent=False),
 })
 CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_taylor_signed", "pl_ours", "fb_fisher"})
+# The same score-only comparison for unstructured pruning (cross-entropy fine-tuning for every score).
+UNSTRUCTURED.update({
+    "so_fisher": unstructured("fisher", class_dependent=False),
+    "so_fisher_margin": unstructured("fisher", class_dependent=False, loss="margin"),
+    "so_fisher_agnostic": unstructured("fisher", class_dependent=False, weighting="count"),
+    "so_magnitude": unstructured("magnitude", class_dependent=False),
+    "so_taylor_signed": unstructured("taylor_signed", class_dependent=False),
+})

@@ -89,7 +89,7 @@ FASHION_20K = DataSpec("fashion_mnist", (6,), 0.1, {"train_limit": 25000},
                        "Fashion-MNIST, Shirt rare (10%), 20.2k train")
 COMPARISONS = {
     # comparison -> (our method, the class-agnostic methods it is compared with; the best of them is the baseline)
-    "score_only": ("so_fisher", ("so_tp_taylor", "so_tp_magnitude")),
+    "score_only": ("so_fisher", ("so_tp_taylor", "so_tp_magnitude", "so_magnitude")),
     "pipeline": ("pl_ours", ("so_tp_taylor", "so_tp_magnitude", "pl_nni_l1", "pl_nni_taylor")),
 }
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
@@ -99,6 +99,20 @@ SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
     lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
+    finetune_schedule="cosine")
+
+# The same score-only comparison on the two other data sets (cheap: seconds per run), to judge the score's defaults
+# on more than one suite: digits (structured) and breast cancer (MLP, unstructured).
+SCORE_VARIANTS = ("so_fisher", "so_fisher_agnostic", "so_fisher_margin")
+SUITES["digits_protocol"] = Suite(
+    "digits_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
+    SCORE_VARIANTS + ("so_tp_taylor", "so_tp_magnitude"), (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
+    batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
+    finetune_schedule="cosine")
+SUITES["cancer_protocol"] = Suite(
+    "cancer_protocol", CANCER, "mlp", {"hidden": (64, 32)}, "unstructured", (0.9, 0.95, 0.98),
+    SCORE_VARIANTS + ("so_magnitude",), (0, 1, 2, 3, 4), dense_epochs=60, finetune_epochs=10, lr=3e-3,
+    batch_size=32, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=1e-3,
     finetune_schedule="cosine")
 
 QUICK = {

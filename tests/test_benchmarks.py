@@ -53,3 +53,26 @@ def test_summary_schema_headline_and_plot(tmp_path):
 def test_structured_steps_matches_the_channel_schedule(reduction, steps):
     assert structured_steps(reduction) == steps
     assert (0.8 ** (2 * steps)) <= 1 / reduction < (0.8 ** (2 * (steps - 1)))
+
+
+def test_paired_comparison_picks_the_best_baseline_and_a_t_interval(tmp_path):
+    """Issue 10's comparison: our score_only method against the class-agnostic method with the lowest mean FN at
+    the dense FPR, paired by seed, 95% t interval (t_0.975 with 2 degrees of freedom = 4.3027)."""
+    rows = []
+    for seed, (ours, taylor, magnitude) in enumerate([(10, 14, 30), (12, 13, 31), (11, 15, 29)]):
+        for method, v in (("so_fisher", ours), ("so_tp_taylor", taylor), ("so_tp_magnitude", magnitude)):
+            rows.append({**_row(method, seed, 50, method == "so_fisher"), "fn_at_dense_fpr": v,
+                         "comparison": "score_only"})
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(tmp_path)
+    ours = next(r for r in summary["rows"] if r["method"] == "so_fisher")
+    p = ours["paired"]
+    diffs = [10 - 14, 12 - 13, 11 - 15]  # mean -3, sample sd sqrt(3)
+    half = 4.302652729911275 * 3 ** 0.5 / 3 ** 0.5
+    assert p["baseline"] == "so_tp_taylor" and p["seeds"] == 3
+    assert p["mean_diff"] == pytest.approx(sum(diffs) / 3)
+    assert (p["ci_low"], p["ci_high"]) == (pytest.approx(-3 - half), pytest.approx(-3 + half))
+    assert p["ratio"] == pytest.approx(11 / 14)
+    assert ours["comparison"] == "score_only" and "so_tp_magnitude" in ours["paired_all"]
+    assert "| s | score_only | 2.0 | 11.0 ± 0.8 | so_tp_taylor, 14.0 ± 0.8 | -3.0 (-7.3, +1.3) | 0.786 |" in \
+        (tmp_path / "headline.md").read_text()
