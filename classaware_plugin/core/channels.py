@@ -134,13 +134,14 @@ class ChannelFisher(BucketStatistics):
             for h in handles:
                 h.remove()
         masks = bucket_masks(targets, self.important_classes)
+        present = [b for b, mask in masks.items() if bool(mask.any())]
+        onehot = torch.stack([masks[b] for b in present]).float()  # (buckets, N): one matmul sums every bucket
         for m, g in zip(used, grads):
             if g is None:
                 continue
             s2 = g.detach().reshape(g.shape[0], -1).float().pow(2)  # (N, C): squared per-sample gate values
-            for b, mask in masks.items():
-                if bool(mask.any()):
-                    self._add(b, m, "channel", s2[mask].sum(0))
+            for b, row in zip(present, onehot @ s2):
+                self._add(b, m, "channel", row)
         self._end(masks)
 
     def scores(self, omega: float | Mapping[int, float] = 1.0, rest_weight: float = 1.0,
