@@ -192,3 +192,12 @@ def test_every_channel_score_covers_every_channel_module(name):
         width = module.out_features if isinstance(module, torch.nn.Linear) else getattr(module, "out_channels", None) or module.num_features
         assert v.shape == (width,)
         assert torch.isfinite(v).all() and (v >= 0).all()
+
+
+def test_adapters_refuse_bad_score_options_before_the_number_of_classes_is_known():
+    from classaware_plugin.torch_pruning import ClassAwareImportance
+
+    with pytest.raises(ClassAwareError, match="omega"):
+        ClassAwareImportance([3], omega=-5.0)
+    with pytest.raises(ClassAwareError, match="'normalization' does not apply to score='magnitude'"):
+        ClassAwareImportance([3], score="magnitude", omega=None, normalization="bogus")

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 from ..core._validation import ClassAwareError, check_choice, check_number
-from ..core.scores import available_scores, make_score, score_class, score_options
+from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..data import DATASETS
 
 BACKENDS = ("torch-pruning", "nni")
@@ -130,7 +130,7 @@ def validate(cfg: dict[str, Any]) -> None:
             f"pruning.score={p['score']} needs the initial weights, so it cannot start from model.checkpoint."
         )
     try:  # the score's own options: refused when the score has no such option, then checked by the score itself
-        make_score(p["score"], important_classes=[0], num_classes=2, **score_config(p))
+        validate_score(p["score"], **{k: p.get(k) for k in SCORE_OPTIONS})
     except ClassAwareError as e:
         raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
     _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)

@@ -88,6 +88,16 @@ def make_score(name: str, important_classes: Sequence[int] = (), num_classes: in
     return cls(**opts)
 
 
+def validate_score(name: str, important_classes: Sequence[int] = (0,), num_classes: int | None = None,
+                   **options: Any) -> dict[str, Any]:
+    """Check a score name and its options before any work (values included, e.g. a negative omega), also when the
+    number of classes is not known yet; returns the options that were given (``None`` dropped)."""
+    opts = score_options(name, **options)
+    important = list(important_classes) or [0]
+    make_score(name, important_classes=important, num_classes=num_classes or max(important) + 2, **opts)
+    return opts
+
+
 class Score(abc.ABC):
     """One importance score. Subclasses implement :meth:`element_scores` (and, when they score channels natively,
     :meth:`channel_scores`) and declare what they need as class attributes, so that no adapter checks names."""

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core._validation import ClassAwareError, check_important_classes, check_number
 from ..core.modelstate import infer_num_classes
-from ..core.scores import DEFAULT_SCORE, Score, make_score, score_class, score_options
+from ..core.scores import DEFAULT_SCORE, Score, make_score, score_class, validate_score
 from ._compat import apply as _apply_compat
 from ._compat import silenced
 
@@ -92,8 +92,8 @@ class ClassAwarePruner(TaylorPruner):
     ) -> None:
         important = check_important_classes(important_classes, num_classes)
         check_number("training_steps", training_steps, low=1, integer=True)
-        score_kwargs = score_options(score, omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
-                                     normalization=normalization)
+        score_kwargs = validate_score(score, important, num_classes, omega=omega, rest_weight=rest_weight,
+                                      weighting=weighting, loss=loss, normalization=normalization)
         if score_class(score).needs_rewind:
             raise ClassAwareError(f"score={score!r} is not available in ClassAwarePruner (it needs a rewind point); "
                                   "use 'fisher'.")
@@ -108,9 +108,7 @@ class ClassAwarePruner(TaylorPruner):
         self.important_classes = important
         self.num_classes = num_classes
         self.score_name = score
-        self.score_kwargs = score_kwargs
-        # Validate the options now, before any work (the real score is built when the number of classes is known).
-        make_score(score, important_classes=important, num_classes=num_classes or max(important) + 2, **score_kwargs)
+        self.score_kwargs = score_kwargs  # the real score is built when the number of classes is known
         self.calib_loader = calib_loader
         self.max_batches = max_batches
         self.batch_to_xy = batch_to_xy

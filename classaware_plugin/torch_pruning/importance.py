@@ -20,7 +20,7 @@ from torch_pruning.pruner import function
 from ..core._validation import ClassAwareError, check_important_classes, check_number
 from ..core.channels import ChannelScores
 from ..core.modelstate import infer_num_classes
-from ..core.scores import DEFAULT_SCORE, Score, make_score, reduce_to_channels, score_class, score_options
+from ..core.scores import DEFAULT_SCORE, Score, make_score, reduce_to_channels, score_class, validate_score
 from ..core.statistics import ScoreMap, StaleStatisticsError, fingerprint, parameterised_modules
 
 log = logging.getLogger(__name__)
@@ -83,8 +83,9 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
             )
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
-        self.score_kwargs = score_options(score, omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
-                                          normalization=normalization)
+        self.score_kwargs = validate_score(score, check_important_classes(important_classes, num_classes), num_classes,
+                                           omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
+                                           normalization=normalization)
         if normalizer == "auto":
             normalizer = None if score_class(score).signed else "mean"
         super().__init__(p=1, group_reduction=group_reduction, normalizer=normalizer, bias=bias)
