@@ -116,9 +116,10 @@ SUITES["cancer_protocol"] = Suite(
     finetune_schedule="cosine")
 
 QUICK = {
+    "digits_protocol": dict(levels=(2.0,), seeds=(0,)),
     "digits_structured": dict(levels=(2.0,), seeds=(0,)),
     "cancer_unstructured": dict(levels=(0.9, 0.98), seeds=(0,)),
     "digits_unstructured": dict(levels=(0.9,), seeds=(0,), methods=("ours_taylor", "magnitude", "snip")),
 }
-FULL = ("fashion_structured", "fashion_mobilenet", "nni_fashion", "fashion_ablation", "digits_ablation", "cancer_unstructured",
-        "digits_structured", "digits_unstructured")
+FULL = ("fashion_protocol", "digits_protocol", "cancer_protocol", "fashion_structured", "fashion_mobilenet", "nni_fashion",
+        "fashion_ablation", "digits_ablation", "cancer_unstructured", "digits_structured", "digits_unstructured")
