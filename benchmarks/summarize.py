@@ -24,6 +24,8 @@ def summarize(out: Path) -> dict[str, Any] | None:
     if not raw.exists():
         return None
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    # Several concurrent processes of one suite each write the dense row of a seed they share: keep one per key.
+    rows = list({(r["suite"], r["method"], r["level"], r["seed"]): r for r in rows}.values())
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     dense: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:

@@ -76,3 +76,13 @@ def test_paired_comparison_picks_the_best_baseline_and_a_t_interval(tmp_path):
     assert ours["comparison"] == "score_only" and "so_tp_magnitude" in ours["paired_all"]
     assert "| s | score_only | 2.0 | 11.0 ± 0.8 | so_tp_taylor, 14.0 ± 0.8 | -3.0 (-7.3, +1.3) | 0.786 |" in \
         (tmp_path / "headline.md").read_text()
+
+
+def test_duplicate_rows_of_concurrent_processes_count_once(tmp_path):
+    dense = {"suite": "s", "dataset": "d", "model": "m", "regime": "structured", "method": "dense", "level": 0.0,
+             "class_aware": None, "fn": 20, "fp": 1, "accuracy": 0.9, "auc": 0.9, "ap": 0.5, "params": 1, "macs": 1}
+    rows = [{**dense, "seed": 0, "fn": 10}, {**dense, "seed": 0, "fn": 10}, {**dense, "seed": 0, "fn": 10},
+            {**dense, "seed": 1, "fn": 20}]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize(tmp_path)
+    assert summary["dense"]["s"]["seeds"] == 2 and summary["dense"]["s"]["fn_mean"] == 15.0
