@@ -29,6 +29,7 @@ def main() -> None:
     r.add_argument("--out", type=Path, help="results folder (default: benchmarks/results, quick: benchmarks/results/quick)")
     r.add_argument("--seeds", type=int, nargs="*", help="only these seeds of each suite (to split a suite over processes)")
     r.add_argument("--methods", nargs="*", choices=methods, metavar="METHOD", help="only these methods of each suite")
+    r.add_argument("--levels", type=float, nargs="*", help="only these levels of each suite")
     r.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's); two runs with 1 thread each use 2 "
                    "cores better than one with 2 for these small models")
     lat = sub.add_parser("latency", help="re-measure every row's latency from its cached model, alone on the machine")
@@ -54,7 +55,7 @@ def main() -> None:
 
             torch.set_num_threads(args.threads)
         t = time.time()
-        run(args.suite, args.quick, out, seeds=args.seeds, methods=args.methods)
+        run(args.suite, args.quick, out, seeds=args.seeds, methods=args.methods, levels=args.levels)
         logging.getLogger("benchmarks").info("all done in %.0f s", time.time() - t)
     elif args.cmd == "scoring":
         import torch

@@ -262,7 +262,7 @@ def suites_for(names: list[str] | None, quick: bool) -> list[Suite]:
 
 
 def run(names: list[str] | None, quick: bool, out: Path = RESULTS, seeds: list[int] | None = None,
-        methods: list[str] | None = None) -> None:
+        methods: list[str] | None = None, levels: list[float] | None = None) -> None:
     set_quiet(True)
     CACHE.mkdir(parents=True, exist_ok=True)
     for suite in suites_for(names, quick):
@@ -270,6 +270,8 @@ def run(names: list[str] | None, quick: bool, out: Path = RESULTS, seeds: list[i
             suite = replace(suite, seeds=tuple(s for s in suite.seeds if s in seeds))
         if methods:
             suite = replace(suite, methods=tuple(m for m in suite.methods if m in methods))
+        if levels:
+            suite = replace(suite, levels=tuple(v for v in suite.levels if v in levels))
         t = time.time()
         run_suite(suite, out)
         log.info("suite %s done in %.0f s", suite.name, time.time() - t)
