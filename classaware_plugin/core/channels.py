@@ -112,9 +112,9 @@ class ChannelFisher(BucketStatistics):
             gates, self.gate_of_ = find_gates(model, inputs[:2])
             names = {id(m): n for n, m in model.named_modules()}
             self.gate_names_ = {names[id(k)]: names[id(v)] for k, v in self.gate_of_.items()}
-            self._begin(model, gates)
+            self._begin(gates)
         else:
-            self._begin(model, self.modules_)
+            self._begin(self.modules_)
         z: dict[nn.Module, torch.Tensor] = {}
 
         def gate(m: nn.Module, _: Any, out: torch.Tensor) -> torch.Tensor:

@@ -166,8 +166,9 @@ class BucketStatistics:
         raise NotImplementedError
 
     # ----------------------------------------------------------------- helpers for update()
-    def _begin(self, model: nn.Module, modules: Any) -> None:
-        """On the first batch, remember the tracked modules; later, refuse a model that changed meanwhile."""
+    def _begin(self, modules: Any) -> None:
+        """On the first batch, remember the tracked ``(name, module)`` pairs (a list, or a callable that makes it);
+        later, refuse a model that changed meanwhile."""
         if not self.modules_:
             self.modules_ = list(modules() if callable(modules) else modules)
         elif self.fingerprint_ != fingerprint(m for _, m in self.modules_):
@@ -304,7 +305,7 @@ class WeightStatistics(BucketStatistics):
 
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate one batch (one forward, one backward per bucket present in the batch)."""
-        self._begin(model, lambda: parameterised_modules(model))
+        self._begin(lambda: parameterised_modules(model))
         device = next(model.parameters()).device
         inputs, targets = inputs.to(device), targets.to(device).long()
         tracked = [(m, n, p) for _, m in self.modules_ for n, p in m.named_parameters(recurse=False) if p.requires_grad]
