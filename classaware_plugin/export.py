@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import glob
 import logging
 import os
 import tempfile
@@ -21,6 +22,17 @@ from torch import nn
 log = logging.getLogger(__name__)
 
 
+TEMP_SUFFIX = ".partial"
+"""Ends the name of the temporary file an atomic write renames into place (``.NAME.<random>.partial``)."""
+
+
+def leftover_temp_files(path: str | os.PathLike[str]) -> list[Path]:
+    """Temporary files that atomic writes of ``path`` left behind when the process was killed mid-write (only names
+    of the form ``atomic_write`` creates, so a user's own files beside ``path`` never match)."""
+    path = Path(path)
+    return sorted(path.parent.glob(f".{glob.escape(path.name)}.*{TEMP_SUFFIX}"))
+
+
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file in the same folder, then an atomic rename onto ``path``.
 
@@ -29,7 +41,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
     os.close(fd)
     try:
         write(tmp)

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -23,11 +23,11 @@ from ..core._validation import ClassAwareError
 from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
-from ..core.metrics import Evaluation, evaluate, fn_at_fpr, fpr_of, predict
+from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from ..core.scores import make_score
 from ..core.training import train
 from ..data import DataBundle, load_dataset
-from ..export import atomic_save, atomic_write_text, export_onnx, load_model, save_model
+from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, load_model, save_model
 from ..models import build_model, check_output_width
 from ..torch_pruning.unstructured import make_permanent
 from .config import score_config, validate
@@ -124,9 +124,12 @@ def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int
     }
 
 
-def operating_points(model: nn.Module, dl: dict[str, Any], important: list[int], dense_val: Evaluation) -> dict[str, Any]:
-    """Per important class: test FN at the dense model's validation false-positive rate (threshold on validation)."""
-    val, test = predict(model, dl["val"]), predict(model, dl["test"])
+Predictions = tuple[np.ndarray, np.ndarray]
+
+
+def operating_points(val: Predictions, test: Predictions, important: list[int], dense_val: Evaluation) -> dict[str, Any]:
+    """Per important class: test FN at the dense model's validation false-positive rate (threshold on validation).
+    ``val`` and ``test`` are a model's ``(labels, logits)`` (:func:`predict`), computed once per split."""
     return {str(c): fn_at_fpr(val, test, c, fpr_of(dense_val, c)).to_dict() for c in important}
 
 
@@ -240,10 +243,11 @@ class Job:
         if dense_path.exists():
             dense_metrics = json.loads(dense_path.read_text())
         else:
-            val = evaluate(dense, dl["val"], important, bundle.num_classes)
+            val_pred, test_pred = predict(dense, dl["val"]), predict(dense, dl["test"])
+            val = evaluate_predictions(*val_pred, important, bundle.num_classes)
             dense_metrics = {
-                "test": {**summarise(dense, evaluate(dense, dl["test"], important, bundle.num_classes), example),
-                         "at_dense_fpr": operating_points(dense, dl, important, val)},
+                "test": {**summarise(dense, evaluate_predictions(*test_pred, important, bundle.num_classes), example),
+                         "at_dense_fpr": operating_points(val_pred, test_pred, important, val)},
                 "validation": val.to_dict(),
             }
             atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
@@ -282,7 +286,9 @@ class Job:
             cal = calibrate(model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
             calibration = cal.to_dict()
             self._checkpoint(model, loop, "calibrated", {"calibration": calibration}, backend=backend)
-        pruned_val = evaluate(model, dl["val"], important, bundle.num_classes)
+        val_pred, test_pred = predict(model, dl["val"]), predict(model, dl["test"])
+        pruned_val = evaluate_predictions(*val_pred, important, bundle.num_classes)
+        pruned_test = evaluate_predictions(*test_pred, important, bundle.num_classes)
         # Step 6: export.
         save_model(model.eval(), d / "pruned.pt")
         exports: dict[str, Any] = {"pytorch": "pruned.pt"}
@@ -291,13 +297,12 @@ class Job:
             exports.update(onnx="pruned.onnx", onnx_max_abs_diff=diff)
         # Step 7: the report.
         macs = int(backend.measure()["macs"]) if cfg["pruning"]["granularity"] == "unstructured" else None
-        pruned_test = evaluate(model, dl["test"], important, bundle.num_classes)
         report = {
             "dataset": bundle.name,
             "class_names": bundle.class_names,
             "dense": {**dense_metrics["test"], "validation": dense_metrics["validation"]},
             "pruned": {**summarise(model, pruned_test, example, macs), "validation": pruned_val.to_dict(),
-                       "at_dense_fpr": operating_points(model, dl, important, dense_val)},
+                       "at_dense_fpr": operating_points(val_pred, test_pred, important, dense_val)},
             "constraint": {
                 "important_classes": important,
                 "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
@@ -346,7 +351,7 @@ def prepare_run_dir(path: Path, force: bool) -> Path:
             )
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
-            for tmp in path.glob(f".{name}.*"):  # leftovers of an interrupted atomic write
+            for tmp in leftover_temp_files(path / name):  # of an atomic write the run was killed in
                 tmp.unlink(missing_ok=True)
         left = sorted(p.name for p in path.iterdir())
         if left:

@@ -101,7 +101,7 @@ class NNIBackend(ModelBackend):
     def restore(self, state: Any) -> None:
         super().restore(state[0])
         self.masks, self.ratio = copy.deepcopy(state[1]), state[2]
-        self._measured = None
+        self.invalidate()
 
     def extra_state(self) -> dict[str, Any]:
         return {"masks": copy.deepcopy(self.masks), "ratio": self.ratio}
