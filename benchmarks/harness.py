@@ -24,6 +24,7 @@ from classaware_plugin.core import ClassDependentLoss, evaluate, evaluate_predic
 from classaware_plugin.core.progress import progress_bar
 from classaware_plugin.data import load_dataset
 from classaware_plugin.export import atomic_save, atomic_write_text, export_onnx
+from classaware_plugin.files import load_model, load_object
 from classaware_plugin.models import build_model
 from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gradients, count_params_macs
 
@@ -67,7 +68,7 @@ def _dense_path(suite: Suite, seed: int) -> Path:
 def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tuple[nn.Module, dict, dict, float]:
     path = _dense_path(suite, seed)
     if path.exists():
-        blob = torch.load(path, weights_only=False)
+        blob = load_object(path, what="cached dense model")
         return blob["model"], blob["init"], blob["early"], blob["seconds"]
     torch.manual_seed(seed)
     model = build_model(suite.model, bundle.num_classes, bundle.input_shape, **suite.model_kwargs)
@@ -145,10 +146,10 @@ def remeasure_latency(names: list[str] | None, out: Path = RESULTS) -> int:
             continue
         if r["method"] == "dense":
             path = _dense_path(suite, r["seed"])
-            model = torch.load(path, weights_only=False)["model"] if path.exists() else None
+            model = load_object(path, what="cached dense model")["model"] if path.exists() else None
         else:
             path = model_path(out, r["suite"], r["method"], r["level"], r["seed"])
-            model = torch.load(path, weights_only=False) if path.exists() else None
+            model = load_model(path) if path.exists() else None
         if model is None:
             continue
         r.update(latencies(model.eval(), _input_shape(suite.name)), latency_pass=True)
@@ -193,7 +194,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
 
         def previous(method: str, level: float, seed: int = seed) -> tuple[nn.Module, dict[str, Any]] | None:
             row, path = done.get((suite.name, method, level, seed)), model_path(out, suite.name, method, level, seed)
-            return (torch.load(path, weights_only=False), row) if row is not None and path.exists() else None
+            return (load_model(path), row) if row is not None and path.exists() else None
 
         ctx = Context(suite, seed, dense, init, early, loaders, bundle.num_classes, bundle.input_shape, bundle.train_counts,
                       previous)

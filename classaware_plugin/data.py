@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .core._validation import ClassAwareError, check_choice, check_important_classes, check_number
+from .core._validation import ClassAwareError, check_choice, check_important_classes, check_int_list, check_number
 
 log = logging.getLogger(__name__)
 
@@ -211,10 +211,12 @@ def fashion_mnist_arrays(root: str | os.PathLike[str] | None = None, download: b
     found = [_find(root_path, s) for s in stems]
     if all(found):
         return tuple(_read_idx(p) for p in found)  # type: ignore[arg-type]
-    if not download:
+    if not download or root is not None:  # a folder the user named is never replaced by a download
+        missing = [s for s, f in zip(stems, found) if f is None]
         raise ClassAwareError(
-            f"Fashion-MNIST files not found under {root_path}. Install them with "
-            "'apt-get install dataset-fashion-mnist' or pass the folder that holds the IDX files."
+            f"Fashion-MNIST files not found under {str(root_path)!r} (missing: {', '.join(missing)}[.gz]). Install "
+            "them with 'apt-get install dataset-fashion-mnist', pass the folder that holds the IDX files, or leave "
+            "the path unset to download them."
         )
     from torchvision.datasets import FashionMNIST
 
@@ -275,6 +277,13 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
 
 
 def load_dataset(name: str, **kwargs: Any) -> DataBundle:
-    """Load a built-in data set by name (see :data:`DATASETS`)."""
+    """Load a built-in data set by name (see :data:`DATASETS`); the important classes must exist in it."""
     check_choice("dataset", name, sorted(DATASETS))
-    return DATASETS[name](**kwargs)
+    if "keep_fraction" in kwargs:
+        check_number("keep_fraction", kwargs["keep_fraction"], low=0.0, high=1.0, low_open=True)
+    if kwargs.get("important"):
+        check_int_list("important", kwargs["important"], low=0, high=None)
+    bundle = DATASETS[name](**kwargs)
+    if kwargs.get("important"):
+        check_int_list("important", kwargs["important"], low=0, high=bundle.num_classes)
+    return bundle

@@ -1,8 +1,7 @@
 """Save, load and export pruned models (framework-neutral; used by both adapters and the CLI).
 
-- ``save_model`` / ``load_model``: the whole pickled module (structure included). ``torch.load`` now
-  defaults to ``weights_only=True``, which refuses a pickled module; ``load_model`` passes
-  ``weights_only=False`` explicitly. Only load files you trust.
+- ``save_model``: the whole pickled module (structure included), written atomically; read it back with
+  ``load_model`` (:mod:`classaware_plugin.files`, re-exported here), which loads it with ``weights_only=True``.
 - ``export_onnx``: ONNX file checked against onnxruntime; returns the max abs difference.
 - ``export_torchscript``: traced TorchScript file, reloaded and compared.
 """
@@ -18,6 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+from .files import load_model
+
+__all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "atomic_write_text", "export_onnx", "export_torchscript",
+           "leftover_temp_files", "load_model", "save_model"]
 
 log = logging.getLogger(__name__)
 
@@ -70,14 +74,6 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     atomic_save(model, path)
-
-
-def load_model(path: str | os.PathLike[str], map_location: str = "cpu") -> nn.Module:
-    """Load a module saved by :func:`save_model` in any process (``weights_only=False``: trusted files only)."""
-    model = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"{path} holds a {type(model).__name__}, not a torch.nn.Module.")
-    return model.eval()
 
 
 @torch.no_grad()

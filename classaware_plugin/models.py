@@ -7,6 +7,7 @@ and ``mlp`` for tabular data. A model can also be named ``package.module:callabl
 from __future__ import annotations
 
 import importlib
+import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -62,11 +63,11 @@ class CifarResNet(nn.Module):
         return self.fc(torch.flatten(self.pool(x), 1))
 
 
-def cifar_resnet(num_classes: int, in_channels: int = 3, depth: int = 8, width: int = 16, **_: Any) -> nn.Module:
+def cifar_resnet(num_classes: int, in_channels: int = 3, depth: int = 8, width: int = 16) -> nn.Module:
     return CifarResNet(num_classes, in_channels, depth, width)
 
 
-def resnet18(num_classes: int, in_channels: int = 3, **_: Any) -> nn.Module:
+def resnet18(num_classes: int, in_channels: int = 3) -> nn.Module:
     """torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (for 8-64 px inputs)."""
     from torchvision.models import resnet18 as tv_resnet18
 
@@ -76,7 +77,7 @@ def resnet18(num_classes: int, in_channels: int = 3, **_: Any) -> nn.Module:
     return m
 
 
-def mobilenet_v2(num_classes: int, in_channels: int = 3, width_mult: float = 0.5, **_: Any) -> nn.Module:
+def mobilenet_v2(num_classes: int, in_channels: int = 3, width_mult: float = 0.5) -> nn.Module:
     """torchvision MobileNetV2 with a stride-1 stem (for small inputs)."""
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
@@ -100,7 +101,7 @@ class MLP(nn.Module):
         return self.fc(self.body(torch.flatten(x, 1)))
 
 
-def mlp(num_classes: int, in_features: int, hidden: Sequence[int] = (64, 32), **_: Any) -> nn.Module:
+def mlp(num_classes: int, in_features: int, hidden: Sequence[int] = (64, 32)) -> nn.Module:
     return MLP(in_features, num_classes, hidden)
 
 
@@ -112,7 +113,7 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
-def build_model(name: str, num_classes: int, input_shape: Sequence[int], **kwargs: Any) -> nn.Module:
+def build_model(name: str, num_classes: int, input_shape: Sequence[int], /, **kwargs: Any) -> nn.Module:
     """Build a model by built-in name or ``package.module:callable`` for data of ``input_shape``.
 
     Image models take ``in_channels = input_shape[0]``; ``mlp`` takes the product of ``input_shape``.
@@ -124,22 +125,49 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int], **kwarg
             fn = getattr(importlib.import_module(mod), attr)
         except (ImportError, AttributeError) as e:
             raise ClassAwareError(f"Cannot import model {name!r}: {e}") from e
-        model = fn(num_classes=num_classes, **kwargs)
+        args: dict[str, Any] = {"num_classes": num_classes}
     elif name in MODELS:
+        fn = MODELS[name]
         if name == "mlp":
             in_features = 1
             for d in input_shape:
                 in_features *= int(d)
-            model = mlp(num_classes, in_features, **kwargs)
+            args = {"num_classes": num_classes, "in_features": in_features}
         else:
-            model = MODELS[name](num_classes, in_channels=int(input_shape[0]), **kwargs)
+            args = {"num_classes": num_classes, "in_channels": int(input_shape[0])}
     else:
         allowed = ", ".join(repr(k) for k in sorted(MODELS))
         raise ClassAwareError(
             f"The 'model' parameter must be one of {allowed} or 'package.module:callable'. Got {name!r} instead."
         )
+    _check_kwargs(name, fn, kwargs, set(args))
+    try:
+        model = fn(**args, **kwargs)
+    except TypeError as e:  # a builder taking **kwargs that passes them on to a constructor that refuses them
+        raise ClassAwareError(f"Model {name!r} refused the arguments {kwargs!r}: {e}") from None
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"Model {name!r} returned a {type(model).__name__}, not a torch.nn.Module.")
     check_output_width(model, num_classes, input_shape)
     return model
+
+
+def _check_kwargs(name: str, fn: Callable[..., Any], kwargs: dict[str, Any], fixed: set[str]) -> None:
+    """Refuse model.kwargs the builder does not take (or that the job sets itself) before anything is built."""
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return
+    taken = [k for k in kwargs if k in fixed]
+    if taken:
+        raise ClassAwareError(f"Model {name!r}: {taken} are set from the data and cannot be given in model.kwargs.")
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    accepted = [k for k, p in params.items() if k not in fixed and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown:
+        raise ClassAwareError(
+            f"Model {name!r} has no argument(s) {unknown} (model.kwargs). It takes: {', '.join(accepted) or 'none'}."
+        )
 
 
 @torch.no_grad()

@@ -194,44 +194,59 @@ def _max_weight_diff(a: Path, b: Path) -> float:
 
 
 class _Killed(KeyboardInterrupt):
-    """Stands for a kill right after a checkpoint was written (the checkpoint is complete, nothing after it ran)."""
+    """Stands for a kill right after a file was written (the write is complete, nothing after it ran)."""
 
 
-@pytest.mark.parametrize("kill_at", ["pruning:accept", "pruning:after_accept", "pruned", "calibrated"])
-def test_resume_is_exact_wherever_the_run_is_killed(default_run, tmp_path, monkeypatch, kill_at):
-    """In-process and deterministic: the run is stopped right after the named checkpoint (the k-th pruning attempt,
-    or a later stage), resumed, and must match the uninterrupted run exactly: history (MACs reduction against the
-    true dense model included), final architecture and weights."""
+# (file, k): killed right after the k-th write of that file. state.pt is written after every pruning attempt
+# (k = 1..n), then after the loop ("pruned", n+1) and after calibration ("calibrated", n+2); negative k counts
+# from those two. dense_training.pt is written at every epoch boundary of the dense training.
+KILL_POINTS = [("init.pt", 1), ("dense_training.pt", 1), ("dense_training.pt", 3), ("dense.pt", 1),
+               ("dense_metrics.json", 1), ("state.pt", 1), ("state.pt", 3), ("state.pt", "accept"),
+               ("state.pt", "after_accept"), ("state.pt", -2), ("state.pt", -1)]
+
+
+@pytest.mark.parametrize("name,k", KILL_POINTS, ids=[f"{n}#{k}" for n, k in KILL_POINTS])
+def test_resume_is_exact_wherever_the_run_is_killed(default_run, tmp_path, monkeypatch, name, k):
+    """In-process and deterministic: the run is stopped right after the k-th write of a file (dense training epochs,
+    the dense model, every stage of pruning, calibration), resumed, and must match the uninterrupted run exactly:
+    history (MACs reduction against the true dense model included), stop reason, final architecture and weights."""
     from classaware_plugin.cli import job as job_mod
 
     ref = json.loads((default_run / "report.json").read_text())
-    stage, _, where = kill_at.partition(":")
-    k = 0
-    if stage == "pruning":  # after an accepted attempt the checkpointed model is pruned: the hard case for resume
-        accepted = [r["attempt"] for r in ref["history"] if r["decision"] == "accept"]
+    saved = [r for r in ref["history"] if r["decision"] != "rollback"]  # the attempts that write a checkpoint
+    if k in ("accept", "after_accept"):  # after an accepted attempt the checkpointed model is pruned: the hard case
+        accepted = [i + 1 for i, r in enumerate(saved) if r["decision"] == "accept"]
         assert accepted, "the reference run accepted no attempt"
-        k = accepted[0] + (where == "after_accept")
-        assert k < len(ref["history"]), "the reference run ends there; no later kill point"
-    original = job_mod.Job._checkpoint
-    seen = {"n": 0}
+        k = accepted[0] + (k == "after_accept")
+        assert k <= len(saved), "the reference run ends there; no later kill point"
+    elif name == "state.pt" and k < 0:
+        k = len(saved) + 3 + k  # -2: after the loop, -1: after calibration
+    writes: dict[str, int] = {}
 
-    def checkpoint_then_die(self, model, loop, st, extra=None, backend=None):
-        original(self, model, loop, st, extra, backend=backend)
-        if st == stage:
-            seen["n"] += 1
-            if stage != "pruning" or seen["n"] == k:
+    def dying(write, path_arg):
+        def wrapped(*args):
+            write(*args)
+            path = Path(args[path_arg])
+            writes[path.name] = writes.get(path.name, 0) + 1
+            if path.name == name and writes[path.name] == k:
                 raise _Killed()
+        return wrapped
 
     out = tmp_path / "killed"
-    monkeypatch.setattr(job_mod.Job, "_checkpoint", checkpoint_then_die)
-    assert main(["run", "--quiet", "--out", str(out), *_sets(FAST)]) == 130
-    monkeypatch.setattr(job_mod.Job, "_checkpoint", original)
+    with monkeypatch.context() as mp:
+        for fn, path_arg in (("atomic_save", 1), ("atomic_write_text", 0), ("save_model", 1)):
+            mp.setattr(job_mod, fn, dying(getattr(job_mod, fn), path_arg))
+        assert main(["run", "--quiet", "--out", str(out), *_sets(FAST)]) == 130
+    assert writes.get(name) == k, f"the run wrote {name} {writes.get(name, 0)} times, never a {k}-th"
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
     got = json.loads((out / "report.json").read_text())
     keys = ("attempt", "decision", "macs", "macs_reduction", "fn", "accuracy")
     assert [[r[x] for x in keys] for r in got["history"]] == [[r[x] for x in keys] for r in ref["history"]]
     assert got["stop_reason"] == ref["stop_reason"] and got["pruned"]["macs"] == ref["pruned"]["macs"]
+    assert got["dense"]["macs"] == ref["dense"]["macs"] and got["dense"]["accuracy"] == ref["dense"]["accuracy"]
+    assert _max_weight_diff(default_run / "dense.pt", out / "dense.pt") == 0.0
     assert _max_weight_diff(default_run / "pruned.pt", out / "pruned.pt") == 0.0
+    assert not (out / "dense_training.pt").exists()  # removed once the dense model is saved
 
 
 def test_force_clears_only_a_run_directory(tmp_path, capsys):

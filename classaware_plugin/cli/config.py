@@ -57,9 +57,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     user: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
+        if not p.exists():
             raise ClassAwareError(f"The configuration file {str(p)!r} does not exist.")
-        user = yaml.safe_load(p.read_text()) or {}
+        if not p.is_file():
+            raise ClassAwareError(f"The configuration file {str(p)!r} is a directory; give the path of a YAML file.")
+        try:
+            user = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ClassAwareError(f"The configuration file {str(p)!r} is not valid YAML: {' '.join(str(e).split())}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClassAwareError(f"Cannot read the configuration file {str(p)!r}: {e}") from None
         if not isinstance(user, dict):
             raise ClassAwareError(f"The configuration file {str(p)!r} must hold a mapping at the top level.")
     for assignment in overrides or []:

@@ -27,7 +27,8 @@ from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, 
 from ..core.scores import make_score
 from ..core.training import train
 from ..data import DataBundle, load_dataset
-from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, load_model, save_model
+from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, save_model
+from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
 from ..torch_pruning.unstructured import make_permanent
 from .config import score_config, validate
@@ -35,6 +36,10 @@ from .config import score_config, validate
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+DENSE_TRAINING = "dense_training.pt"
+"""The dense training's checkpoint at its last epoch boundary (deleted once ``dense.pt`` is written)."""
+STAGES = ("pruning", "pruned", "calibrated", "done")
+"""The stages a run state records (``state.pt``): after each pruning attempt, after the loop, after calibration."""
 
 
 def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
@@ -68,6 +73,12 @@ def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
                 f"The configuration key 'important_classes' holds {c}, outside [0, {bundle.num_classes}) for {name}."
             )
     return bundle, important
+
+
+def model_modules(cfg: dict[str, Any]) -> tuple[str, ...]:
+    """The top-level package a ``package.module:callable`` model name imports (its classes may be loaded)."""
+    name = cfg["model"]["name"]
+    return (name.partition(":")[0].split(".")[0] + ".",) if ":" in name else ()
 
 
 def _loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
@@ -136,44 +147,75 @@ def operating_points(val: Predictions, test: Predictions, important: list[int], 
 class Job:
     """One run of ``classaware-prune run`` in ``run_dir``."""
 
-    def __init__(self, cfg: dict[str, Any], run_dir: Path, progress: bool = True) -> None:
+    def __init__(self, cfg: dict[str, Any], run_dir: Path, progress: bool = True, trusted: bool = False) -> None:
         validate(cfg)
         self.cfg = cfg
         self.dir = run_dir
         self.progress = progress
+        self.trusted = trusted  # --trust-checkpoint: unpickle files in full (see classaware_plugin.files)
+
+    def _load(self, path: Path, what: str) -> Any:
+        """A file of this run or the user's checkpoint, read safely unless the user trusts it; classes of the
+        package that ``model.name`` imports are allowed (the configuration already runs its code)."""
+        return load_object(path, what=what, trusted=self.trusted, allow_modules=model_modules(self.cfg))
+
+    def _run_state(self) -> dict[str, Any] | None:
+        path = self.dir / STATE
+        if not path.exists():
+            return None
+        state = self._load(path, "run state")
+        if not (isinstance(state, dict) and state.get("stage") in STAGES and isinstance(state.get("model"), nn.Module)):
+            raise CheckpointError(
+                f"The run state {str(path)!r} was not written by this job (expected a dict with 'stage' in {STAGES} and "
+                f"a 'model'). Delete it to restart pruning from the dense model, or start a new run."
+            )
+        return state
+
+    def _load_model(self, path: Path) -> nn.Module:
+        return load_model(path, trusted=self.trusted, allow_modules=model_modules(self.cfg))
 
     # ----------------------------------------------------------------- stages
     def dense_model(self, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> nn.Module:
         path = self.dir / "dense.pt"
         if path.exists():
             log.info("using the cached dense model %s", path)
-            return load_model(path)
+            (self.dir / DENSE_TRAINING).unlink(missing_ok=True)  # of a run killed between the two lines below
+            return self._load_model(path)
         m = self.cfg["model"]
         if m["checkpoint"]:
-            obj = torch.load(m["checkpoint"], map_location="cpu", weights_only=False)
-            if isinstance(obj, nn.Module):
-                model = obj
-            else:
-                model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
-                model.load_state_dict(obj)
+            model = load_checkpoint(
+                m["checkpoint"], lambda: build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"]),
+                trusted=self.trusted, allow_modules=model_modules(self.cfg))
             check_output_width(model, bundle.num_classes, bundle.input_shape)
         else:
             torch.manual_seed(self.cfg["seed"])
             model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
-            save_model(model, self.dir / "init.pt")  # w_0 of the magnitude-increase score (the paper's rewind point)
-            t = self.cfg["training"]
-            loss = make_loss(self.cfg, bundle, important)
-            if t["warmup_epochs"]:
-                loss.warmup = True
-                train(model, dl["train"], loss, epochs=min(t["warmup_epochs"], t["epochs"]), lr=t["lr"],
-                      optimizer=t["optimizer"], progress=self.progress, desc="dense warm-up")
-                loss.warmup = False
-            rest = t["epochs"] - t["warmup_epochs"]
-            if rest > 0:
-                train(model, dl["train"], loss, epochs=rest, lr=t["lr"], optimizer=t["optimizer"],
-                      progress=self.progress, desc="dense training")
+            if not (self.dir / "init.pt").exists():  # w_0 of the magnitude-increase score (the paper's rewind point)
+                save_model(model, self.dir / "init.pt")
+            self._train_dense(model, bundle, important, dl)
         save_model(model.eval(), path)
+        (self.dir / DENSE_TRAINING).unlink(missing_ok=True)
         return model
+
+    def _train_dense(self, model: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> None:
+        """Warm-up, then training, checkpointed at every epoch boundary (``dense_training.pt``) and resumed from it
+        exactly (weights, optimiser, schedule, RNG and shuffling state are in the checkpoint)."""
+        t = self.cfg["training"]
+        loss = make_loss(self.cfg, bundle, important)
+        path = self.dir / DENSE_TRAINING
+        saved = self._load(path, "dense training checkpoint") if path.exists() else None
+        phases = [("dense warm-up", min(t["warmup_epochs"], t["epochs"]), True)] if t["warmup_epochs"] else []
+        phases.append(("dense training", t["epochs"] - t["warmup_epochs"], False))
+        for i, (desc, epochs, warmup) in enumerate(phases):
+            # Killed before a phase's first epoch ended, the checkpoint of the phase before replays its end: exact too.
+            if epochs <= 0 or (saved is not None and saved["phase"] > i):
+                continue
+            loss.warmup = warmup
+            train(model, dl["train"], loss, epochs=epochs, lr=t["lr"], optimizer=t["optimizer"], progress=self.progress,
+                  desc=desc, resume=saved["train"] if saved is not None else None,
+                  checkpoint=lambda st, i=i: atomic_save({"phase": i, "train": st}, path))
+            saved = None
+        loss.warmup = False
 
     def _backend(self, model: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any], attempt_of):
         p = self.cfg["pruning"]
@@ -219,7 +261,7 @@ class Job:
                 "pruning.score=magnitude_increase needs the model's initial weights, which exist only when the job "
                 "trains the dense model itself (model.checkpoint is set). Use pruning.score=fisher."
             )
-        return load_model(path)
+        return self._load_model(path)
 
     def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None,
                     backend: Any = None) -> None:
@@ -253,8 +295,8 @@ class Job:
             atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
         dense_val = Evaluation.from_dict(dense_metrics["validation"])
         # Step 4: FN-constrained pruning, resumable after every attempt.
-        state = torch.load(d / STATE, map_location="cpu", weights_only=False) if (d / STATE).exists() else None
-        model = state["model"] if state is not None else load_model(d / "dense.pt")
+        state = self._run_state()
+        model = state["model"] if state is not None else self._load_model(d / "dense.pt")
         loop_box: dict[str, FNConstrainedPruning] = {}
         backend, key, target = self._backend(model, bundle, important, dl, lambda: len(loop_box["loop"].history) + 1)
         c = cfg["constraint"]
@@ -325,7 +367,7 @@ class Job:
 
 MARKER = ".classaware-run"
 """Written first into every run directory: ``--force`` deletes only directories that carry it."""
-RUN_FILES = (MARKER, "config.yaml", STATE, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx",
+RUN_FILES = (MARKER, "config.yaml", STATE, DENSE_TRAINING, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx",
              "report.json", "report.md", "fn_vs_compression.png")
 """Everything a run writes (``--force`` removes these and nothing else)."""
 

@@ -1,9 +1,13 @@
 """``classaware-prune``: run the main job, print the default configuration, evaluate a saved model.
 
-    classaware-prune run [--config FILE] [--set key=value ...] [--out DIR] [--force] [--quiet]
+    classaware-prune run [--config FILE] [--set key=value ...] [--out DIR] [--force] [--quiet] [--trust-checkpoint]
     classaware-prune run --resume DIR
     classaware-prune config --default
-    classaware-prune evaluate MODEL --data digits --important 3 [--split test]
+    classaware-prune evaluate MODEL --data digits --important 3 [--split test] [--trust-checkpoint]
+
+Errors print one line ``error: ...`` and no traceback (``--debug`` shows it): exit status 2 for a mistake of the
+user's (arguments, configuration, files, data; found before any work where it can be), 1 for anything else. A run
+stopped by an error keeps what it completed and can be resumed.
 """
 from __future__ import annotations
 
@@ -29,8 +33,13 @@ def _setup_logging(quiet: bool) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="classaware-prune", description="Class-dependent pruning with an FN budget.")
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    trust = argparse.ArgumentParser(add_help=False)
+    trust.add_argument("--trust-checkpoint", action="store_true",
+                       help="unpickle model files in full (they can run code: only for files you trust); without it "
+                            "only PyTorch/torchvision/classaware_plugin module classes are loaded")
     sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="prune a model end to end and write a report")
+    r = sub.add_parser("run", parents=[trust], help="prune a model end to end and write a report")
     r.add_argument("--config", help="YAML configuration (see 'classaware-prune config --default')")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override one key, e.g. pruning.step=0.1")
     r.add_argument("--out", help="run directory (overrides output_dir)")
@@ -39,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     c = sub.add_parser("config", help="print the commented default configuration")
     c.add_argument("--default", action="store_true", required=True)
-    e = sub.add_parser("evaluate", help="per-class table of a saved model")
+    e = sub.add_parser("evaluate", parents=[trust], help="per-class table of a saved model")
     e.add_argument("model", help="a model saved by classaware-prune (pruned.pt, dense.pt)")
     e.add_argument("--data", default="digits", help="data set name (digits, breast_cancer, fashion_mnist, image_folder)")
     e.add_argument("--important", nargs="+", default=["3"], help="important classes (indices or names)")
@@ -49,10 +58,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    import yaml
-
     from ..core.progress import set_quiet
-    from .config import load_config, validate
+    from .config import load_config
     from .job import Job, prepare_run_dir
 
     set_quiet(args.quiet)
@@ -73,19 +80,24 @@ def cmd_run(args: argparse.Namespace) -> int:
                     f"again with: classaware-prune run --out {run_dir} --force (and the --config/--set you used)."
                 )
             raise ClassAwareError(f"{run_dir} is not a run directory (no config.yaml).")
-        cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
-        validate(cfg)
+        cfg = load_config(run_dir / "config.yaml")
         log.info("resuming %s", run_dir)
     else:
         cfg = load_config(args.config, args.set)
         run_dir = prepare_run_dir(Path(args.out or cfg["output_dir"]), args.force)
         cfg["output_dir"] = str(run_dir)
+    resume = f"classaware-prune run --resume {run_dir}" + (" --trust-checkpoint" if args.trust_checkpoint else "")
     try:
-        report = Job(cfg, run_dir, progress=not args.quiet).run()
+        report = Job(cfg, run_dir, progress=not args.quiet, trusted=args.trust_checkpoint).run()
     except KeyboardInterrupt:
-        print(f"\nInterrupted. Nothing completed is lost; continue with:\n  classaware-prune run --resume {run_dir}",
-              file=sys.stderr)
+        print(f"\nInterrupted. Nothing completed is lost; continue with:\n  {resume}", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - one line for the user; the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)}\nThe run stopped and keeps what it completed. After fixing the data or files, "
+              f"continue with: {resume} (a configuration mistake needs a new run: --force).", file=sys.stderr)
+        return 2 if isinstance(e, ClassAwareError) else 1
     d, p = report["dense"], report["pruned"]
     imp = report["constraint"]["important_classes"]
     names = report["class_names"]
@@ -100,8 +112,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    import yaml
-
     from ..core.metrics import evaluate
     from ..export import load_model
     from .config import load_config
@@ -109,12 +119,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     overrides = [f"important_classes=[{','.join(args.important)}]"]
     if args.config:
-        cfg = yaml.safe_load(Path(args.config).read_text())
-        cfg["important_classes"] = [int(c) if c.isdigit() else c for c in args.important]
+        cfg = load_config(args.config, overrides)
     else:
         cfg = load_config(None, [*overrides, f"data.name={args.data}"])
+    model = load_model(args.model, trusted=args.trust_checkpoint)
     bundle, important = load_data(cfg)
-    model = load_model(args.model)
     dl = _loaders(bundle, cfg)
     ev = evaluate(model, dl[args.split], important, bundle.num_classes)
     print(f"{args.model} on {bundle.name} ({args.split}, {ev.num_samples} samples): accuracy {ev.accuracy:.4f}")
@@ -141,8 +150,22 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(args)
         return cmd_run(args)
     except ClassAwareError as e:
+        if args.debug:
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - not a mistake we recognise: one line, the traceback with --debug
+        if args.debug:
+            raise
+        print(f"error: {_one_line(e)} (unexpected: rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _one_line(e: BaseException) -> str:
+    from ..core._validation import ClassAwareError
+
+    text = " ".join(str(e).split())
+    return text if isinstance(e, ClassAwareError) else f"{type(e).__name__}: {text}"
 
 
 if __name__ == "__main__":

@@ -88,3 +88,45 @@ def check_non_empty_loader(name: str, loader: Any) -> None:
         return
     if n == 0:
         raise ClassAwareError(f"The '{name}' parameter must yield at least one batch. Got an empty loader.")
+
+
+def check_batch(index: int, inputs: Any, targets: Any, num_classes: int | None = None, what: str = "batch") -> None:
+    """Refuse a batch whose labels are not integer class indices (float, one-hot, out of range) or whose inputs hold
+    NaN/inf, naming the batch (1-based) and the offending value."""
+    import torch
+
+    where = f"{what.capitalize()} {index}"
+    if not isinstance(targets, torch.Tensor) or not isinstance(inputs, torch.Tensor):
+        raise ClassAwareError(
+            f"{where} must be (inputs, labels) tensors. Got ({type(inputs).__name__}, {type(targets).__name__})."
+        )
+    if targets.ndim != 1 or targets.shape[0] != inputs.shape[0]:
+        raise ClassAwareError(
+            f"{where} has labels of shape {tuple(targets.shape)} for {inputs.shape[0]} inputs; expected "
+            f"({inputs.shape[0]},) class indices (one-hot labels: use y.argmax(1))."
+        )
+    if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        raise ClassAwareError(
+            f"{where} has labels of dtype {targets.dtype} (float labels would be truncated); expected integer class "
+            "indices (torch.long)."
+        )
+    if num_classes is not None and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        bad = targets[(targets < 0) | (targets >= num_classes)]
+        raise ClassAwareError(
+            f"{where} has labels outside [0, {num_classes}): {sorted(set(bad.tolist()))[:5]}."
+        )
+    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
+        raise ClassAwareError(f"{where} has NaN or inf in its inputs; clean the data (no score or metric is computed).")
+
+
+def run_model(model: Any, inputs: Any, index: int, what: str = "batch") -> Any:
+    """``model(inputs)``; a batch the model cannot take (wrong channels or size) is reported with its shape."""
+    try:
+        return model(inputs)
+    except RuntimeError as e:
+        if "size" not in str(e) and "shape" not in str(e) and "channels" not in str(e):
+            raise
+        raise ClassAwareError(
+            f"The model cannot run on {what} {index} (inputs of shape {tuple(inputs.shape)}): "
+            f"{' '.join(str(e).split())[:300]}"
+        ) from None

@@ -107,7 +107,7 @@ class ChannelFisher(BucketStatistics):
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate one batch: one forward and one backward (activation gradients only)."""
         device = next(model.parameters()).device
-        inputs, targets = inputs.to(device), targets.to(device).long()
+        inputs, targets = self._batch(inputs, targets, device)
         if not self.modules_:
             gates, self.gate_of_ = find_gates(model, inputs[:2])
             names = {id(m): n for n, m in model.named_modules()}

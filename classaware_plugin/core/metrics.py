@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
 from torch import nn
 
-from ._validation import ClassAwareError, check_important_classes, check_non_empty_loader, check_number
+from ._validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
 
 
 @dataclass
@@ -84,6 +84,10 @@ def evaluate_predictions(
     important = check_important_classes(important_classes, k)
     if len(y) == 0:
         raise ClassAwareError("Cannot evaluate an empty split.")
+    if y.min() < 0 or y.max() >= k:
+        raise ClassAwareError(f"Labels must lie in [0, {k}) for a {k}-class model. Got {sorted(set(y[(y < 0) | (y >= k)].tolist()))[:5]}.")
+    if not np.isfinite(s).all():
+        raise ClassAwareError("The model's outputs hold NaN or inf; no metric can be computed from them.")
     labels = list(range(k))
     pred = s.argmax(1)
     cm = confusion_matrix(y, pred, labels=labels)
@@ -180,9 +184,11 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
     device = next(model.parameters()).device
     ys, outs = [], []
     try:
-        for batch in loader:
-            outs.append(model(batch[0].to(device)).float().cpu())
-            ys.append(torch.as_tensor(batch[1]).cpu())
+        for i, batch in enumerate(loader, start=1):
+            x, y = batch[0], batch[1]
+            check_batch(i, x, y)
+            outs.append(run_model(model, x.to(device), i).float().cpu())
+            ys.append(y.cpu())
     finally:
         model.train(was_training)
     if not ys:

@@ -28,7 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import ClassAwareError, check_choice, check_important_classes, check_non_empty_loader, check_number
+from ._validation import (
+    ClassAwareError, check_batch, check_choice, check_important_classes, check_non_empty_loader, check_number, run_model,
+)
 from .progress import progress_bar
 
 REST = -1
@@ -174,17 +176,17 @@ class BucketStatistics:
         elif self.fingerprint_ != fingerprint(m for _, m in self.modules_):
             raise StaleStatisticsError("The model changed during collection; call reset() (or collect()) to start again.")
 
+    def _batch(self, inputs: Any, targets: Any, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch on ``device`` with long labels, after refusing bad labels or non-finite inputs by batch number."""
+        check_batch(self.batches_ + 1, inputs, targets, self.num_classes, what="calibration batch")
+        return inputs.to(device), targets.to(device).long()
+
     def _loss(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        logits = model(inputs)
+        logits = run_model(model, inputs, self.batches_ + 1, what="calibration batch")
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ClassAwareError(
                 f"The model output must have shape (batch, {self.num_classes}) to match num_classes={self.num_classes}. "
                 f"Got {tuple(logits.shape)}."
-            )
-        if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.num_classes):
-            raise ClassAwareError(
-                f"Calibration batch {self.batches_ + 1} has labels outside [0, {self.num_classes}): "
-                f"min {int(targets.min())}, max {int(targets.max())}."
             )
         loss = per_sample_loss(logits, targets, self.important_classes, self.loss)
         if not bool(torch.isfinite(loss).all()):
@@ -307,7 +309,7 @@ class WeightStatistics(BucketStatistics):
         """Accumulate one batch (one forward, one backward per bucket present in the batch)."""
         self._begin(lambda: parameterised_modules(model))
         device = next(model.parameters()).device
-        inputs, targets = inputs.to(device), targets.to(device).long()
+        inputs, targets = self._batch(inputs, targets, device)
         tracked = [(m, n, p) for _, m in self.modules_ for n, p in m.named_parameters(recurse=False) if p.requires_grad]
         masks = bucket_masks(targets, self.important_classes)
         present = [b for b, mask in masks.items() if bool(mask.any())]

@@ -18,6 +18,8 @@ CONFIG_KEYS = (
     "sparse_ratio", "sparse_threshold", "max_sparse_ratio", "min_sparse_ratio", "global_group_id",
     "dependency_group_id", "granularity", "align", "target_names", "target_settings", "apply_method", "fuse_names",
 )
+GRANULARITIES = ("default", "in_channel", "out_channel", "per_channel")
+"""NNI 3.0's named granularities (a list of block sizes is the other form)."""
 _NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
@@ -84,6 +86,18 @@ def validate_config_list(model: nn.Module, config_list: Any) -> list[dict[str, A
                     f"config_list[{i}]['sparse_ratio'] must be a number in the open range (0, 1). Got {r!r}."
                 )
             cfg["sparse_ratio"] = float(r)
+        excluding_only = any(k.startswith("exclude_") for k in cfg) and not any(k.startswith("op_") for k in cfg)
+        if not excluding_only and not {"sparse_ratio", "sparse_threshold", "align", "target_settings"} & set(cfg):
+            raise ClassAwareError(
+                f"config_list[{i}] sets no 'sparse_ratio' (or 'sparse_threshold'): how much of {cfg.get('op_types') or cfg.get('op_names')} "
+                "to prune. Add e.g. 'sparse_ratio': 0.5."
+            )
+        g = cfg.get("granularity")
+        if g is not None and not isinstance(g, list) and g not in GRANULARITIES:
+            raise ClassAwareError(
+                f"config_list[{i}]['granularity'] must be one of {list(GRANULARITIES)} (or a list of block sizes). "
+                f"Got {g!r}.{_suggest(str(g), GRANULARITIES)}"
+            )
         if "global_group_id" in cfg and "max_sparse_ratio" in cfg:
             raise ClassAwareError(
                 f"config_list[{i}] sets both 'global_group_id' and 'max_sparse_ratio': NNI 3.0 ignores "

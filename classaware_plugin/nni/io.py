@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from ..export import atomic_save
+from ..files import CheckpointError, load_object
 
 
 def save_masks(masks: dict[str, dict[str, torch.Tensor]], path: str | os.PathLike[str]) -> None:
@@ -16,7 +17,16 @@ def save_masks(masks: dict[str, dict[str, torch.Tensor]], path: str | os.PathLik
 
 
 def load_masks(path: str | os.PathLike[str]) -> dict[str, dict[str, torch.Tensor]]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    """Masks written by :func:`save_masks` (weights only; a file holding anything else is refused by name)."""
+    masks = load_object(path, what="masks file")
+    if not (isinstance(masks, dict) and all(
+            isinstance(m, str) and isinstance(d, dict) and all(isinstance(v, torch.Tensor) for v in d.values())
+            for m, d in masks.items())):
+        raise CheckpointError(
+            f"The masks file {str(path)!r} does not hold masks ({{module name: {{target: tensor}}}}, as save_masks "
+            f"writes); it holds a {type(masks).__name__}."
+        )
+    return masks
 
 
 def speedup(model: nn.Module, dummy_input: torch.Tensor, masks: dict[str, dict[str, Any]]) -> nn.Module:
