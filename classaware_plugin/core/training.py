@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import ClassAwareError, check_choice, check_non_empty_loader, check_number
+from ._validation import ClassAwareError, check_batch, check_choice, check_non_empty_loader, check_number
 from .controller import NonFiniteLossError
 from .lottery import MaskSet
 from .progress import progress_bar
@@ -90,6 +90,7 @@ def train(
                 running, seen = 0.0, 0
                 it = iter(loader)
                 x, y = next(it)
+            check_batch(done + 1, x, y, what="training step")
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(x), y)
