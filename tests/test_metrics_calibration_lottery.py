@@ -124,6 +124,11 @@ def test_training_stops_on_non_finite_loss():
     from classaware_plugin.core import NonFiniteLossError
 
     model = nn.Linear(2, 2)
-    loader = DataLoader(TensorDataset(torch.tensor([[float("nan"), 0.0]] * 4), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    with torch.no_grad():
+        model.weight[0, 0] = float("nan")  # a diverged model: the inputs are fine, the loss is not
+    loader = DataLoader(TensorDataset(torch.ones(4, 2), torch.tensor([0, 1, 0, 1])), batch_size=2)
     with pytest.raises(NonFiniteLossError, match="nan"):
         train(model, loader, nn.CrossEntropyLoss(), progress=False)
+    nan_inputs = DataLoader(TensorDataset(torch.tensor([[float("nan"), 0.0]] * 4), torch.tensor([0, 1, 0, 1])), batch_size=2)
+    with pytest.raises(ClassAwareError, match="Training step 1 has NaN or inf in its inputs"):
+        train(nn.Linear(2, 2), nan_inputs, nn.CrossEntropyLoss(), progress=False)
