@@ -1,5 +1,6 @@
 """python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency [--suite NAME ...]
-[--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR]"""
+[--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
+python -m benchmarks speed [--models NAME ...] [--out DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -40,6 +41,10 @@ def main() -> None:
     sc = sub.add_parser("scoring", help="time one scoring pass of ours vs TP GroupTaylorImportance (results/scoring.json)")
     sc.add_argument("--out", type=Path)
     sc.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    sp = sub.add_parser("speed", help="dense vs pruned latency, with and without channel rounding (results/speed.md)")
+    sp.add_argument("--out", type=Path)
+    sp.add_argument("--models", nargs="*", choices=["resnet18", "mobilenet_v2", "resnet8"], metavar="MODEL")
+    sp.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
@@ -65,6 +70,15 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run_scoring(out)
+        return
+    elif args.cmd == "speed":
+        import torch
+
+        from .speed import MODELS, run as run_speed
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_speed(out, tuple(args.models or MODELS))
         return
     elif args.cmd == "latency":
         t = time.time()

@@ -19,13 +19,13 @@ import torch_pruning as tp
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from classaware_plugin.cli.job import latency_ms
 from classaware_plugin.core import ClassDependentLoss, evaluate, evaluate_predictions, fn_at_fpr, fpr_of, predict, set_quiet, train
 from classaware_plugin.core.progress import progress_bar
 from classaware_plugin.data import load_dataset
 from classaware_plugin.export import atomic_save, atomic_write_text, export_onnx
 from classaware_plugin.files import load_model, load_object
 from classaware_plugin.models import build_model
+from classaware_plugin.speed import latency_ms
 from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gradients, count_params_macs
 
 from .methods import CLASS_AWARE, NNI_METHODS, STRUCTURED, UNSTRUCTURED, Context

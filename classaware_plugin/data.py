@@ -24,6 +24,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .core._validation import ClassAwareError, check_choice, check_important_classes, check_int_list, check_number
+from .core.progress import progress_bar
 
 log = logging.getLogger(__name__)
 
@@ -246,24 +247,63 @@ def load_fashion_mnist(
     )
 
 
+CACHE_LIMIT_BYTES = 2 * 1024**3
+"""Decoded images are kept in memory (as uint8) when they take at most this much; above it they are decoded from
+disk at every epoch."""
+
+
+class _DecodedImages(Dataset):
+    """Images decoded once into a uint8 tensor; items are float tensors in [0, 1] as ``ToTensor`` gives them."""
+
+    def __init__(self, images: torch.Tensor, targets: Sequence[int]) -> None:
+        self.images = images
+        self.targets = list(targets)
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.images[i].float().div_(255.0), self.targets[i]
+
+
 def load_image_folder(
     root: str, important: Sequence[int] = (), keep_fraction: float = 1.0, seed: int = 0, image_size: int = 64,
+    cache: bool | None = None,
 ) -> DataBundle:
-    """Any torchvision ImageFolder (one sub-folder per class), split 60/20/20 stratified."""
+    """Any torchvision ImageFolder (one sub-folder per class), split 60/20/20 stratified.
+
+    ``cache``: decode every image once and keep them in memory (``None``: when they take at most
+    :data:`CACHE_LIMIT_BYTES`), instead of decoding PNG/JPEG files at every epoch.
+    """
     from torchvision import datasets, transforms
 
     if not Path(root).is_dir():
         raise ClassAwareError(f"The image folder {root!r} does not exist.")
     tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
-    ds = datasets.ImageFolder(root, transform=tf)
-    y = np.asarray(ds.targets)
+    ds: Dataset = datasets.ImageFolder(root, transform=tf)
+    classes, targets = list(ds.classes), list(ds.targets)  # type: ignore[attr-defined]
+    need = len(targets) * 3 * image_size * image_size
+    if cache is None:
+        cache = need <= CACHE_LIMIT_BYTES
+        if not cache:
+            log.info("%d images at %d px need %.1f GiB decoded (limit %.1f GiB): decoding from disk at every epoch "
+                     "(cache=True forces the cache)", len(targets), image_size, need / 1024**3, CACHE_LIMIT_BYTES / 1024**3)
+    if cache:
+        raw = datasets.ImageFolder(root, transform=transforms.Compose(
+            [transforms.Resize((image_size, image_size)), transforms.PILToTensor()]))
+        images = torch.empty(len(targets), 3, image_size, image_size, dtype=torch.uint8)
+        for i in progress_bar(range(len(targets)), desc="decoding images", total=len(targets)):
+            img = raw[i][0]
+            images[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+        ds = _DecodedImages(images, targets)
+    y = np.asarray(targets)
     tr, va, te = stratified_split(y, (0.6, 0.2, 0.2), seed)
     if keep_fraction < 1.0:
         tr = tr[rare_indices(y[tr], important, keep_fraction, seed)]
-    k = len(ds.classes)
+    k = len(classes)
     return DataBundle(
         name="image_folder", train=Subset(ds, tr.tolist()), val=Subset(ds, va.tolist()), test=Subset(ds, te.tolist()),
-        num_classes=k, class_names=list(ds.classes), input_shape=(3, image_size, image_size),
+        num_classes=k, class_names=classes, input_shape=(3, image_size, image_size),
         train_counts=np.bincount(y[tr], minlength=k).tolist(),
     )
 

@@ -80,6 +80,22 @@ def test_nni_flow_structured_masked_equals_sped_up(arch):
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "mobilenet_v2"])
+def test_round_to_leaves_filter_counts_that_are_multiples(arch):
+    model = getattr(torchvision.models, arch)(num_classes=10)
+    dense = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    config_list = [{"op_types": ["Conv2d"], "sparse_ratio": 0.3, "granularity": "out_channel"}]
+    pruner = ClassAwarePruner(model, config_list, important_classes=[3], calib_loader=_loader(), round_to=8)
+    _, masks = pruner.compress()
+    diff = _masked_vs_speedup(model, pruner, masks, torch.randn(4, 3, 32, 32))
+    assert diff < 1e-4
+    widths = {n: m.out_channels for n, m in model.named_modules() if isinstance(m, nn.Conv2d)}
+    pruned = {n: w for n, w in widths.items() if w < dense[n]}
+    assert len(pruned) > len(widths) // 2  # most layers were pruned (by 30% rounded down to a multiple of 8)
+    assert all(w % 8 == 0 for w in pruned.values()), pruned
+    assert all(w >= 0.6 * dense[n] - 8 for n, w in pruned.items())  # rounding takes at most 8 more than 30%
+
+
 def test_nni_flow_unstructured_sparsity_and_baking():
     model = torchvision.models.resnet18(num_classes=10)
     loader = _loader()

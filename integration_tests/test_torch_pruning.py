@@ -215,6 +215,25 @@ def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_mod
     assert result.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
 
 
+@pytest.mark.parametrize("round_to", [8, 4, None])
+def test_channel_counts_are_rounded_and_the_target_is_still_met(digits, dense_digits_model, round_to):
+    model = copy.deepcopy(dense_digits_model)
+    train_dl, val_dl, _ = digits.loaders(64, seed=0)
+    ex = torch.randn(2, *digits.input_shape)
+    loose = FNConstraint([3], abs_tol=10_000, max_accuracy_drop=None)  # the target, not the FN rule, ends the run
+    model, result = prune_with_fn_constraint(model, ex, train_dl, val_dl, [3], target_macs_reduction=2.0,
+                                             constraint=loose, step=0.2, finetune_epochs=0.1, max_steps=12,
+                                             round_to=round_to)
+    assert result.stop_reason == "target_reached" and result.measure["macs_reduction"] >= 2.0
+    widths = [m.out_channels for m in model.modules() if isinstance(m, nn.Conv2d)]
+    dense = [m.out_channels for m in dense_digits_model.modules() if isinstance(m, nn.Conv2d)]
+    assert sum(widths) < sum(dense)
+    if round_to is None:
+        assert any(w % 8 for w in widths)  # without rounding the counts fall anywhere (the check below can fail)
+    else:
+        assert all(w % round_to == 0 for w in widths), widths
+
+
 def test_fn_constrained_input_errors(digits, dense_digits_model):
     train_dl, val_dl, _ = digits.loaders(64)
     ex = torch.randn(2, *digits.input_shape)

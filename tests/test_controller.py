@@ -107,6 +107,14 @@ def test_step_budget_and_nothing_left():
     assert res.stop_reason == "nothing_left"
 
 
+def test_a_halved_step_that_removes_nothing_means_no_compliant_step():
+    # Rejected (FN 20 > 10), then the halved step removes nothing (channels go in whole blocks): not "nothing left".
+    backend = ScriptedBackend([(20, 0.9)], fail_at=2)
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.999, target_key="sparsity", step=0.1).run()
+    assert [r.decision for r in res.history] == ["retry", "stop"]
+    assert res.stop_reason == "no_compliant_step" and "whole blocks" in res.history[-1].violations[0]
+
+
 def test_non_finite_loss_restores_and_raises():
     backend = ScriptedBackend([(10, 0.9)], fail_at=-2)
     loop = FNConstrainedPruning(backend, FNConstraint([1]), target=0.999, target_key="sparsity", step=0.5)
@@ -207,3 +215,17 @@ def test_property_returns_the_last_compliant_state_bit_for_bit(outcomes, abs_tol
     assert res.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
     for rec in res.history:
         assert rec.compliant == (rec.decision == "accept")
+
+
+def test_rounded_channels_keeps_the_nearest_multiple_within_the_layer():
+    from classaware_plugin.core.channels import rounded_channels
+
+    assert rounded_channels(64, 64 * 0.95, 8) == 64   # a 5% step leaves a 64-channel layer alone
+    assert rounded_channels(64, 57.6, 8) == 56        # 10%: one block of 8
+    assert rounded_channels(64, 51.2, 8) == 48        # 20%: nearest multiple
+    assert rounded_channels(16, 11.2, 8) == 8 and rounded_channels(16, 12.8, 8) == 16
+    assert rounded_channels(16, 2.0, 8) == 8          # never below one block
+    assert rounded_channels(5, 2.5, 8) == 5           # a layer narrower than a block is left alone
+    assert rounded_channels(22, 21.0, 8) == 22        # never above the layer's width
+    assert rounded_channels(64, 40.7, None) == 40 and rounded_channels(64, 40.7, 1) == 40
+    assert rounded_channels(64, 62.0, 8, down=True) == 56 and rounded_channels(16, 7.0, 8, down=True) == 8

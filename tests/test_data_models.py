@@ -61,6 +61,12 @@ def test_image_folder(tmp_path: Path):
     assert b.class_names == ["crack", "ok"] and b.input_shape == (3, 16, 16)
     x, y = b.train[0]
     assert x.shape == (3, 16, 16) and len(b.train) + len(b.val) + len(b.test) == 20
+    # Decoded once into memory (the default when it fits) or from disk every time: the same tensors.
+    disk = load_dataset("image_folder", root=str(tmp_path), image_size=16, cache=False)
+    assert type(b.train.dataset).__name__ == "_DecodedImages" and type(disk.train.dataset).__name__ == "ImageFolder"
+    for split in ("train", "val", "test"):
+        a, d = getattr(b, split), getattr(disk, split)
+        assert all(torch.equal(a[i][0], d[i][0]) and a[i][1] == d[i][1] for i in range(len(a)))
 
 
 @pytest.mark.fashion

@@ -142,6 +142,8 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
     _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)
     _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
+    if p["round_to"] is not None:
+        _num("pruning.round_to", p["round_to"], low=1, high=256, integer=True)
     _num("pruning.step", p["step"], low=0.0, high=1.0, low_open=True, high_open=True)
     _num("pruning.max_halvings", p["max_halvings"], low=0, integer=True)
     _num("pruning.max_steps", p["max_steps"], low=1, integer=True)

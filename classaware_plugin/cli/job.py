@@ -30,6 +30,7 @@ from ..data import DataBundle, load_dataset
 from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
+from ..speed import latency_ms, speedup
 from ..torch_pruning.unstructured import make_permanent
 from .config import score_config, validate
 
@@ -106,21 +107,6 @@ def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
     from ..torch_pruning.iterative import count_params_macs
 
     return count_params_macs(model, example)
-
-
-@torch.inference_mode()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30) -> float:
-    """Median CPU latency of one forward pass at the example's batch size."""
-    model.eval()
-    for _ in range(3):
-        model(example)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(example)
-        times.append((time.perf_counter() - t) * 1000)
-    times.sort()
-    return times[len(times) // 2]
 
 
 def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int | None = None) -> dict[str, Any]:
@@ -252,7 +238,8 @@ class Job:
         if imp.score is not None and imp.score.needs_rewind:
             imp.set_rewind_point(self._initial_model())
         return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
-                                   finetune=finetune, calib_batches=p["calib_batches"]), "macs_reduction", p["target_macs_reduction"]
+                                   finetune=finetune, calib_batches=p["calib_batches"], round_to=p["round_to"]), \
+            "macs_reduction", p["target_macs_reduction"]
 
     def _initial_model(self) -> nn.Module:
         path = self.dir / "init.pt"
@@ -356,6 +343,8 @@ class Job:
             "stop_reason": loop.stop_reason_,
             "calibration": calibration,
             "exports": exports,
+            # measured on this machine, dense and pruned interleaved (see classaware_plugin.speed)
+            "speed": speedup(dense, model, bundle.input_shape, batch_size=64),
             "wall_time_s": round(time.time() - t0, 1),
         }
         from .report import write_report

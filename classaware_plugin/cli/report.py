@@ -45,6 +45,8 @@ def write_markdown(report: dict[str, Any]) -> str:
         f"| MACs | {_fmt_int(dense['macs'])} | {_fmt_int(pruned['macs'])} |",
         f"| accuracy | {_fmt_pct(dense['accuracy'])} | {_fmt_pct(pruned['accuracy'])} |",
         f"| CPU latency, batch 1 (ms) | {dense['latency_ms']:.2f} | {pruned['latency_ms']:.2f} |",
+        *[f"| {rt} latency, batch {v['batch_size']} (ms) | {v['dense_ms']:.2f} | {v['pruned_ms']:.2f} "
+          f"(**{v['speedup']:.2f}x** faster) |" for rt, v in report.get("speed", {}).items()],
         "",
         "## Per class (test split)",
         "",

@@ -158,3 +158,13 @@ class ChannelFisher(BucketStatistics):
         by_name = dict(model.named_modules())
         self.gate_names_ = dict(state["gate_of"])
         self.gate_of_ = {by_name[k]: by_name[v] for k, v in self.gate_names_.items()}
+
+
+def rounded_channels(width: int, kept: float, round_to: int | None, down: bool = False) -> int:
+    """Channels a layer of ``width`` keeps when it should keep ``kept``: with ``round_to``, the nearest multiple of
+    it (``down``: the multiple below), at least one multiple and at most ``width``. Nearest, so that a small step
+    leaves a layer alone instead of taking a whole block from it. Shared by the Torch-Pruning and NNI paths."""
+    if not round_to or round_to == 1:
+        return max(1, min(width, int(kept)))
+    blocks = int(kept // round_to) if down else int(kept / round_to + 0.5)
+    return max(min(round_to, width), min(width, blocks * round_to))

@@ -24,6 +24,7 @@ loss), restored, and the error is raised."""
 
 STOP_REASONS = ("target_reached", "no_compliant_step", "step_budget", "nothing_left")
 NOTHING_LEFT = "the backend has nothing left to prune"
+TOO_SMALL = "the halved step removes no channel (channels go in whole blocks): no smaller step exists"
 
 
 class NonFiniteLossError(RuntimeError):
@@ -303,7 +304,9 @@ class FNConstrainedPruning:
             measure = self.backend.measure()
         except NothingToPrune:
             self.backend.restore(state)
-            self._record("stop", last, fraction, [NOTHING_LEFT], self.backend.measure())
+            # After a rejected step, a halved one that removes nothing means no smaller step exists (channels go in
+            # whole blocks, e.g. round_to): no compliant step. Otherwise the model has nothing left to prune.
+            self._record("stop", last, fraction, [TOO_SMALL if self.halvings else NOTHING_LEFT], self.backend.measure())
             return
         except BaseException:
             # A fault (non-finite loss, Ctrl-C, ...): restore the last compliant state, let the error through.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import operator
 import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core._validation import ClassAwareError
+from ..core.channels import rounded_channels
 
 CONFIG_KEYS = (
     "op_types", "op_names", "op_names_re", "exclude_op_names", "exclude_op_types", "exclude_op_names_re",
@@ -142,17 +144,114 @@ def batchnorm_alignment(model: nn.Module, config_list: list[dict[str, Any]], gra
     return extra
 
 
+# Modules and functions whose output channel c depends on input channel c alone: a residual sum seen through them
+# still ties the channels of the layers that produced it.
+_CHANNELWISE_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU,
+                        nn.ELU, nn.GELU, nn.SiLU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh, nn.Identity,
+                        nn.Dropout, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+_CHANNELWISE_FUNCTIONS = {torch.relu, torch.nn.functional.relu, torch.nn.functional.relu6, torch.sigmoid,
+                          torch.nn.functional.dropout, torch.nn.functional.max_pool2d, torch.nn.functional.avg_pool2d,
+                          torch.nn.functional.adaptive_avg_pool2d, torch.nn.functional.hardswish}
+_SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, torch.sub}
+_SUM_METHODS = {"add", "add_", "sub", "sub_"}
+
+
+def residual_groups(graph: torch.fx.GraphModule) -> list[set[str]]:
+    """Sets of layers whose output channels must be pruned alike because their outputs are summed, directly or
+    through a chain of residual sums (``y = f(x) + x`` block after block) and channel-wise layers between.
+
+    NNI 3.0's own analysis is not transitive: in torchvision's ResNet-18 it ties ``conv1`` to ``layer1.0.conv2`` but
+    leaves out ``layer1.1.conv2``, so the three are masked differently and ModelSpeedup keeps the union (55 of
+    64 channels where the masks keep 45)."""
+    modules = dict(graph.named_modules())
+    parent: dict[str, str] = {}
+
+    def find(a: str) -> str:
+        while parent.setdefault(a, a) != a:
+            parent[a] = parent[parent[a]]
+            a = parent[a]
+        return a
+
+    sources: dict[torch.fx.Node, set[str]] = {}
+    for node in graph.graph.nodes:
+        inputs = [a for a in node.all_input_nodes if a in sources]
+        if node.op == "call_module" and isinstance(modules.get(node.target), (nn.Conv2d, nn.Linear, nn.ConvTranspose2d)):
+            sources[node] = {str(node.target)}
+        elif (node.op == "call_module" and isinstance(modules.get(node.target), _CHANNELWISE_MODULES)) or (
+                node.op == "call_function" and node.target in _CHANNELWISE_FUNCTIONS):
+            sources[node] = set(sources.get(node.all_input_nodes[0], set())) if node.all_input_nodes else set()
+        elif (node.op == "call_function" and node.target in _SUMS) or (
+                node.op == "call_method" and node.target in _SUM_METHODS):
+            tied = set().union(*(sources[a] for a in inputs)) if inputs else set()
+            for a in tied:
+                parent[find(a)] = find(next(iter(tied)))
+            sources[node] = tied
+    groups: dict[str, set[str]] = {}
+    for name in list(parent):
+        groups.setdefault(find(name), set()).add(name)
+    return [g for g in groups.values() if len(g) > 1]
+
+
+def complete_dependency_groups(graph: torch.fx.GraphModule, cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``dependency_group_id`` made transitive: NNI's groups and :func:`residual_groups` merged, one id per set."""
+    members: dict[str, int] = {}
+    sets: list[set[str]] = []
+    by_id: dict[str, set[str]] = {}
+    for c in cfgs:
+        if "dependency_group_id" in c:
+            by_id.setdefault(c["dependency_group_id"], set()).update(c.get("op_names", []))
+    for group in [*by_id.values(), *residual_groups(graph)]:
+        hit = sorted({members[m] for m in group if m in members})
+        merged = set(group).union(*(sets[i] for i in hit))
+        for i in hit:
+            sets[i] = set()
+        sets.append(merged)
+        for m in merged:
+            members[m] = len(sets) - 1
+    out = []
+    for c in cfgs:
+        names = c.get("op_names", [])
+        if len(names) == 1 and names[0] in members and c.get("granularity") == "out_channel":
+            c = {**c, "dependency_group_id": f"residual-{members[names[0]]}"}
+        out.append(c)
+    return out
+
+
+_SELECTORS = ("op_types", "op_names", "op_names_re", "exclude_op_names", "exclude_op_types", "exclude_op_names_re")
+
+
+def round_config_list(model: nn.Module, cfgs: list[dict[str, Any]], round_to: int | None) -> list[dict[str, Any]]:
+    """Filter-pruning entries split per module, each with the sparse ratio that leaves a multiple of ``round_to``
+    output channels (the nearest to what ``sparse_ratio`` asks for: ``rounded_channels``, as in the Torch-Pruning
+    path). Modules of one residual dependency group have the same width, so they get the same ratio."""
+    if not round_to or round_to == 1:
+        return cfgs
+    out = []
+    for c in cfgs:
+        if c.get("granularity") != "out_channel" or "sparse_ratio" not in c:
+            out.append(c)
+            continue
+        rest = {k: v for k, v in c.items() if k not in _SELECTORS}
+        for name, module in selected_modules(model, c).items():
+            width = int(module.weight.shape[0])
+            kept = rounded_channels(width, width * (1.0 - c["sparse_ratio"]), round_to)
+            if kept < width:  # (NNI prunes int(width * ratio) filters: the half keeps float error off the floor)
+                out.append({**rest, "op_names": [name], "sparse_ratio": (width - kept + 0.5) / width})
+    return out
+
+
 def prepare_config_list(model: nn.Module, config_list: Any, align_batchnorm: bool = True,
-                        dependency_groups: bool = True) -> list[dict[str, Any]]:
-    """Validate, add residual dependency groups (NNI's fx analysis) and BatchNorm alignment entries."""
-    cfgs = validate_config_list(model, config_list)
+                        dependency_groups: bool = True, round_to: int | None = None) -> list[dict[str, Any]]:
+    """Validate, round filter counts (``round_to``), add residual dependency groups (NNI's fx analysis) and
+    BatchNorm alignment entries."""
+    cfgs = round_config_list(model, validate_config_list(model, config_list), round_to)
     if not any(c.get("granularity") == "out_channel" for c in cfgs):
         return cfgs
     graph = trace(model)
     if dependency_groups and not any("dependency_group_id" in c for c in cfgs):
         from nni.compression.speedup.dependency import auto_set_denpendency_group_ids
 
-        cfgs = auto_set_denpendency_group_ids(graph, copy.deepcopy(cfgs))
+        cfgs = complete_dependency_groups(graph, auto_set_denpendency_group_ids(graph, copy.deepcopy(cfgs)))
     if align_batchnorm:
         cfgs = cfgs + batchnorm_alignment(model, cfgs, graph)
     return cfgs

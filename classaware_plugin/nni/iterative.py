@@ -56,7 +56,7 @@ class NNIBackend(ModelBackend):
         """The CLI's construction: every Conv2d pruned by filters, the classifier left alone."""
         p = cfg["pruning"]
         return cls(model, example, loaders["val"], important, loaders["calib"], finetune,
-                   pruner_kwargs={"score": p["score"], **score_options},
+                   pruner_kwargs={"score": p["score"], "round_to": p["round_to"], **score_options},
                    calib_batches=p["calib_batches"])
 
     # ----------------------------------------------------------------- backend interface

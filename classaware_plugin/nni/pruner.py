@@ -61,6 +61,9 @@ class ClassAwarePruner(TaylorPruner):
         calib_loader: batches for the statistics when no evaluator is given.
         max_batches: at most this many batches feed the statistics.
         batch_to_xy: how to read (inputs, labels) from a training batch.
+        round_to: with ``granularity='out_channel'``, every pruned layer keeps a multiple of this many filters (the
+            kept count rounded down, never below ``round_to``; entries are split per module for it), so that the
+            sped-up model runs fast. ``None`` (default) keeps NNI's meaning of ``sparse_ratio`` exactly.
 
     Example:
         >>> pruner = ClassAwarePruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5,
@@ -89,6 +92,7 @@ class ClassAwarePruner(TaylorPruner):
         align_batchnorm: bool = True,
         dependency_groups: bool = True,
         existed_wrappers: dict[str, ModuleWrapper] | None = None,
+        round_to: int | None = None,
     ) -> None:
         important = check_important_classes(important_classes, num_classes)
         check_number("training_steps", training_steps, low=1, integer=True)
@@ -101,8 +105,10 @@ class ClassAwarePruner(TaylorPruner):
             raise ClassAwareError("ClassAwarePruner needs an 'evaluator' (NNI's flow) or a 'calib_loader'.")
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
+        if round_to is not None:
+            check_number("round_to", round_to, low=1, integer=True)
         if existed_wrappers is None:
-            config_list = prepare_config_list(model, config_list, align_batchnorm, dependency_groups)
+            config_list = prepare_config_list(model, config_list, align_batchnorm, dependency_groups, round_to)
         with silenced():
             super().__init__(model, config_list, evaluator, training_steps, existed_wrappers=existed_wrappers)
         self.important_classes = important

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 from .importance import ClassAwareImportance
 from .io import load_pruned_state, save_pruned_state
-from .iterative import TorchPruningBackend, accumulate_gradients, count_params_macs, prune_with_fn_constraint
+from .iterative import (
+    RoundingMetaPruner, TorchPruningBackend, accumulate_gradients, count_params_macs, prune_with_fn_constraint,
+)
 from .unstructured import (
     ClassAwarePruningMethod,
     class_aware_importance_scores,
@@ -18,7 +20,7 @@ from .unstructured import (
 )
 
 __all__ = [
-    "ClassAwareImportance", "ClassAwarePruningMethod", "TorchPruningBackend", "accumulate_gradients",
+    "ClassAwareImportance", "ClassAwarePruningMethod", "RoundingMetaPruner", "TorchPruningBackend", "accumulate_gradients",
     "class_aware_importance_scores", "class_aware_unstructured", "count_params_macs",
     "global_class_aware_unstructured", "load_pruned_state", "make_permanent", "masks_of", "prune_with_fn_constraint", "save_pruned_state", "sparsity",
 ]

@@ -19,12 +19,14 @@ from torch import nn
 
 from ..core._validation import ClassAwareError, check_important_classes, check_number
 from ..core.calibration import last_linear
+from ..core.channels import rounded_channels
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
 from ..core.loss import ClassDependentLoss
 from ..core.lottery import RewindSnapshot
 from ..core.backend import ModelBackend
 from ..core.scores import score_class
 from ..core.training import train
+from ..speed import ROUND_TO
 from .importance import ClassAwareImportance
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,21 @@ def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[i
     """(parameters, MACs) by ``torch_pruning.utils.count_ops_and_params``."""
     macs, params = tp.utils.count_ops_and_params(model, example_inputs)
     return int(params), int(macs)
+
+
+class RoundingMetaPruner(tp.pruner.MetaPruner):
+    """TP's MetaPruner whose ``round_to`` rounds the kept channel count to the *nearest* multiple
+    (:func:`~classaware_plugin.core.channels.rounded_channels`; ``round_down=True``: the multiple below, never
+    below one block). TP's own rounds down and may round a layer to zero channels; rounding down makes any step,
+    however small, take a whole block from every layer it touches: 16 -> 8 for a 2% step."""
+
+    def __init__(self, *args: Any, round_down: bool = False, **kwargs: Any) -> None:
+        self.round_down = round_down
+        super().__init__(*args, **kwargs)
+
+    def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
+        kept = rounded_channels(current_channels, current_channels - n_pruned, round_to, down=self.round_down)
+        return current_channels - kept
 
 
 class TorchPruningBackend(ModelBackend):
@@ -50,7 +67,11 @@ class TorchPruningBackend(ModelBackend):
         val_loader: where compliance is decided.
         finetune: ``finetune(model)`` called after every step; default: ``train()`` with ``loss_fn``.
         ignored_layers: layers TP must not prune (default: the last ``nn.Linear``, the classifier).
-        pruner_factory: ``factory(model, importance, ratio) -> pruner`` to use your own TP pruner settings.
+        round_to: every pruned layer keeps a multiple of this many channels (the nearest to what the step asks for,
+            :class:`RoundingMetaPruner`), so that the pruned model runs fast; ``None`` keeps any count. Default
+            :data:`~classaware_plugin.speed.ROUND_TO` (chosen by measurement: ``python -m benchmarks speed``).
+        pruner_factory: ``factory(model, importance, ratio) -> pruner`` to use your own TP pruner settings
+            (``round_to`` is then yours to pass).
     """
 
     def __init__(
@@ -71,7 +92,10 @@ class TorchPruningBackend(ModelBackend):
         pruner_factory: PrunerFactory | None = None,
         calib_batches: int | None = None,
         progress: bool = False,
+        round_to: int | None = ROUND_TO,
     ) -> None:
+        if round_to is not None:
+            check_number("round_to", round_to, low=1, integer=True)
         self.example_inputs = example_inputs
         self.importance = importance
         self.calib_loader = calib_loader if calib_loader is not None else train_loader
@@ -87,17 +111,19 @@ class TorchPruningBackend(ModelBackend):
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
+        self.round_to = round_to
         self.dense_params, self.dense_macs = count_params_macs(model, example_inputs)
         self._measure_cache: tuple[Any, dict[str, float]] | None = None
 
     # ----------------------------------------------------------------- backend interface
-    def _make_pruner(self, ratio: float) -> Any:
+    def _make_pruner(self, ratio: float, fallback: bool = False) -> Any:
         if self.pruner_factory is not None:
             return self.pruner_factory(self.model, self.importance, ratio)
         ignored = self.ignored_layers if self.ignored_layers is not None else [last_linear(self.model)]
-        return tp.pruner.MetaPruner(
+        return RoundingMetaPruner(
             self.model, self.example_inputs, importance=self.importance, pruning_ratio=ratio,
-            global_pruning=self.global_pruning, ignored_layers=ignored,
+            global_pruning=self.global_pruning or fallback, ignored_layers=ignored, round_to=self.round_to,
+            round_down=fallback,
         )
 
     def _prepare_importance(self) -> None:
@@ -116,13 +142,20 @@ class TorchPruningBackend(ModelBackend):
     def _rewinds(self) -> bool:
         return isinstance(self.importance, ClassAwareImportance) and score_class(self.importance.score_name).needs_rewind
 
+    def _count(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
     def prune(self, fraction: float) -> None:
-        before = sum(p.numel() for p in self.model.parameters())
+        before = self._count()
         self._prepare_importance()
-        pruner = self._make_pruner(fraction)
-        pruner.step()
+        self._make_pruner(fraction).step()
+        if self._count() == before and self.round_to and self.pruner_factory is None:
+            # Rounded to the nearest block, a small step leaves every layer as it was. Then the same step is taken
+            # globally with the kept counts rounded down: the least important channels decide which layers lose a
+            # block, so the step is the finest rounding allows. (The model did not change: statistics still fresh.)
+            self._make_pruner(fraction, fallback=True).step()
         self.model.zero_grad(set_to_none=True)
-        if sum(p.numel() for p in self.model.parameters()) == before:
+        if self._count() == before:
             raise NothingToPrune()
         if self._rewinds():
             # The magnitude-increase score compares with w_0 of the same shape: after a structural step the new
@@ -208,6 +241,7 @@ def prune_with_fn_constraint(
     ignored_layers: Sequence[nn.Module] | None = None,
     on_record: Callable[[StepRecord, FNConstrainedPruning], None] | None = None,
     progress: bool = False,
+    round_to: int | None = ROUND_TO,
 ) -> tuple[nn.Module, ControllerResult]:
     """Prune ``model`` structurally with Torch-Pruning until a MACs reduction (or parameter count) is reached
     while the important classes' validation FN stays within budget. Returns ``(model, result)``.
@@ -230,6 +264,7 @@ def prune_with_fn_constraint(
         model, example_inputs, importance, val_loader, important, calib_loader=train_loader, finetune=finetune,
         train_loader=train_loader, loss_fn=loss_fn, finetune_epochs=finetune_epochs, lr=lr,
         ignored_layers=ignored_layers, global_pruning=global_pruning, calib_batches=calib_batches, progress=progress,
+        round_to=round_to,
     )
     if target_params is not None:
         check_number("target_params", target_params, low=1, integer=True)

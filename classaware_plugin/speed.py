@@ -1,0 +1,91 @@
+"""How fast a model runs: median latency in PyTorch and in onnxruntime, and the speed-up of a pruned model over its
+dense original, measured interleaved in one process so that load on the machine affects both alike.
+
+Used by the CLI's report and by ``python -m benchmarks speed``.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core._validation import check_choice, check_number
+
+RUNTIMES = ("onnxruntime", "torch")
+
+ROUND_TO = 8
+"""Default channel rounding of structured pruning: pruned layers keep a multiple of 8 channels. Why 8: CPU and GPU
+kernels work on channel blocks (8 fp32 lanes of AVX2, oneDNN's nChw8c/16c layouts, tensor-core tiles of 8), so
+a layer left with an odd count runs padded or on a slow path. Measured in ``benchmarks/results/speed.md``."""
+
+
+def _timed(run: Callable[[], Any]) -> float:
+    t = time.perf_counter()
+    run()
+    return (time.perf_counter() - t) * 1000
+
+
+def _runner(model: nn.Module, x: torch.Tensor, runtime: str, tmp: Path, name: str) -> Callable[[], Any]:
+    """A no-argument call that runs ``model`` on ``x`` in ``runtime`` (ONNX exported into ``tmp`` and checked)."""
+    model = model.eval()
+    if runtime == "torch":
+        def run_torch() -> Any:
+            with torch.inference_mode():
+                return model(x)
+        return run_torch
+    import onnxruntime as ort
+
+    from .export import export_onnx
+
+    path = tmp / f"{name}.onnx"
+    export_onnx(model, x[: min(len(x), 4)], path)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    feed = {"input": x.numpy()}
+    return lambda: sess.run(None, feed)
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 30, runtime: str = "torch",
+               warmup: int = 3) -> float:
+    """Median latency (ms) of one forward pass on ``example`` (its batch size) in ``runtime``."""
+    check_choice("runtime", runtime, RUNTIMES)
+    check_number("repeats", repeats, low=1, integer=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        run = _runner(model, example, runtime, Path(tmp), "model")
+        for _ in range(warmup):
+            run()
+        return statistics.median(_timed(run) for _ in range(repeats))
+
+
+@torch.no_grad()
+def speedup(dense: nn.Module, pruned: nn.Module, input_shape: Sequence[int], batch_size: int = 64,
+            runtimes: Sequence[str] = RUNTIMES, repeats: int = 15, warmup: int = 3) -> dict[str, dict[str, float]]:
+    """Per runtime: median latency (ms) of ``dense`` and ``pruned`` on one random batch, measured interleaved
+    (dense, pruned, dense, ...), and ``speedup = dense / pruned`` (above 1: the pruned model is faster)."""
+    check_number("batch_size", batch_size, low=1, integer=True)
+    check_number("repeats", repeats, low=1, integer=True)
+    for r in runtimes:
+        check_choice("runtime", r, RUNTIMES)
+    x = torch.randn(batch_size, *input_shape, generator=torch.Generator().manual_seed(0))
+    out: dict[str, dict[str, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for runtime in runtimes:
+            runs = [_runner(m, x, runtime, Path(tmp), n) for m, n in ((dense, "dense"), (pruned, "pruned"))]
+            for run in runs:
+                for _ in range(warmup):
+                    run()
+            times: list[list[float]] = [[], []]
+            for _ in range(repeats):
+                for i, run in enumerate(runs):
+                    times[i].append(_timed(run))
+            d, p = statistics.median(times[0]), statistics.median(times[1])
+            out[runtime] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "batch_size": batch_size}
+    return out
