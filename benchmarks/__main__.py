@@ -1,6 +1,6 @@
 """python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency [--suite NAME ...]
 [--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
-python -m benchmarks speed [--models NAME ...] [--out DIR]"""
+python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...]"""
 from __future__ import annotations
 
 import argparse
@@ -45,6 +45,9 @@ def main() -> None:
     sp.add_argument("--out", type=Path)
     sp.add_argument("--models", nargs="*", choices=["resnet18", "mobilenet_v2", "resnet8"], metavar="MODEL")
     sp.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    jt = sub.add_parser("jobtime", help="wall time of classaware-prune run on a 10k-image ImageFolder (results/jobtime.md)")
+    jt.add_argument("--out", type=Path)
+    jt.add_argument("--backends", nargs="*", choices=["torch-pruning", "nni"], metavar="BACKEND")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
@@ -79,6 +82,11 @@ def main() -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run_speed(out, tuple(args.models or MODELS))
+        return
+    elif args.cmd == "jobtime":
+        from .jobtime import BACKENDS, run as run_jobtime
+
+        run_jobtime(out, tuple(args.backends or BACKENDS))
         return
     elif args.cmd == "latency":
         t = time.time()

@@ -137,7 +137,8 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                 imp.set_rewind_point(init)  # first step: w_0 = initialisation, as in the paper
         backend = TorchPruningBackend(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
                       calib_loader=ctx.loaders["calib"],
-                      finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent))
+                      finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent),
+                      round_to=None)  # the committed protocol results compare scores at unrounded channel counts
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
         model, info = _finish(ctx, model, res)
         if calibration:

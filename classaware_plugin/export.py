@@ -2,7 +2,8 @@
 
 - ``save_model``: the whole pickled module (structure included), written atomically; read it back with
   ``load_model`` (:mod:`classaware_plugin.files`, re-exported here), which loads it with ``weights_only=True``.
-- ``export_onnx``: ONNX file checked against onnxruntime; returns the max abs difference.
+- ``export_onnx``: ONNX file (torch.export-based exporter, legacy fallback) checked against onnxruntime; returns the
+  max abs difference.
 - ``export_torchscript``: traced TorchScript file, reloaded and compared.
 """
 from __future__ import annotations
@@ -11,6 +12,7 @@ import glob
 import logging
 import os
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -76,18 +78,46 @@ def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     atomic_save(model, path)
 
 
+EXPORTERS = ("auto", "dynamo", "legacy")
+
+
 @torch.no_grad()
-def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike[str]) -> float:
-    """Export to ONNX (dynamic batch) and return max |torch - onnxruntime| on ``example_inputs``."""
+def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike[str],
+                exporter: str = "auto") -> float:
+    """Export to ONNX (dynamic batch) and return max |torch - onnxruntime| on ``example_inputs``.
+
+    ``exporter='auto'`` uses PyTorch's current exporter (``torch.onnx.export(dynamo=True)``, built on torch.export)
+    and falls back to the legacy TorchScript-based one, logging why, when the model cannot be exported that way;
+    ``'dynamo'`` or ``'legacy'`` forces one.
+    """
     import onnxruntime as ort
 
+    from .core._validation import check_choice
+
+    check_choice("exporter", exporter, EXPORTERS)
     model.eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(
-        model, (example_inputs,), str(path), input_names=["input"], output_names=["logits"],
-        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
-    )
+    names = {"input_names": ["input"], "output_names": ["logits"]}
+    used = "legacy"
+    if exporter != "legacy":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example_inputs,), str(path), dynamo=True, verbose=False,
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+            used = "dynamo"
+        except Exception as e:  # noqa: BLE001 - torch.export's failures are many and version-dependent
+            if exporter == "dynamo":
+                raise
+            log.warning("ONNX: torch.export could not export %s (%s: %s); using the legacy exporter",
+                        type(model).__name__, type(e).__name__, " ".join(str(e).split())[:200])
+    if used == "legacy":
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # its own deprecation notice: the fallback is deliberate
+            torch.onnx.export(model, (example_inputs,), str(path), dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                              dynamo=False, **names)
+    log.debug("ONNX: %s written with the %s exporter", path, used)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     ours = model(example_inputs).numpy()
     theirs = sess.run(None, {"input": example_inputs.numpy()})[0]

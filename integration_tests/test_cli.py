@@ -19,8 +19,10 @@ from classaware_plugin.cli.main import main
 from classaware_plugin.core import ClassAwareError
 from classaware_plugin.export import load_model
 
-# A reduced budget: the default job with fewer epochs.
-FAST = ["training.epochs=4", "pruning.finetune_epochs=0.5", "pruning.target_macs_reduction=1.6", "pruning.max_steps=6"]
+# A reduced budget: the default job with fewer epochs, the narrower ResNet-8 and fine steps (unrounded channel counts),
+# so that the runs are short and take several attempts, accepted and rejected.
+FAST = ["training.epochs=4", "pruning.finetune_epochs=0.5", "pruning.target_macs_reduction=1.6", "pruning.max_steps=6",
+        "model.kwargs={depth: 8, width: 16}", "pruning.round_to=null"]
 
 
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -310,10 +312,14 @@ def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granulari
 
 
 def test_the_untouched_default_run_holds_the_budget_at_half_the_macs(tmp_path):
-    """The README's first command: no configuration at all (about 25 s)."""
+    """The README's first command: no configuration at all (about 50 s)."""
     out = tmp_path / "default"
     assert main(["run", "--quiet", "--out", str(out)]) == 0
     report = json.loads((out / "report.json").read_text())
     assert report["constraint"]["satisfied"] is True
     assert report["pruned"]["macs"] <= 0.5 * report["dense"]["macs"]
     assert report["stop_reason"] == "target_reached"
+    widths = [m.out_channels for m in load_model(out / "pruned.pt").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert all(w % 8 == 0 for w in widths), widths  # round_to: 8 by default
+    assert {k: set(v) for k, v in report["speed"].items()} == {
+        rt: {"dense_ms", "pruned_ms", "speedup", "batch_size"} for rt in ("onnxruntime", "torch")}

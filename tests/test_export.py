@@ -32,3 +32,42 @@ def test_failed_write_keeps_the_old_file(tmp_path):
         atomic_write(tmp_path / "state.txt", broken)
     assert (tmp_path / "state.txt").read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["state.txt"]
+
+
+def test_onnx_export_uses_torch_export_and_falls_back_with_a_reason(tmp_path, monkeypatch, caplog):
+    import logging
+
+    import torch
+
+    from classaware_plugin.export import export_onnx
+
+    from .helpers import TinyNet
+
+    model, x = TinyNet().eval(), torch.randn(4, 1, 6, 6)
+    calls = []
+    real = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("dynamo"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    assert export_onnx(model, x, tmp_path / "a.onnx") < 1e-5
+    assert calls == [True]  # the current exporter, no fallback needed
+
+    def dynamo_fails(*args, **kwargs):
+        calls.append(kwargs.get("dynamo"))
+        if kwargs.get("dynamo"):
+            raise RuntimeError("unsupported operator for the test")
+        return real(*args, **kwargs)
+
+    calls.clear()
+    monkeypatch.setattr(torch.onnx, "export", dynamo_fails)
+    with caplog.at_level(logging.WARNING, logger="classaware_plugin.export"):
+        assert export_onnx(model, x, tmp_path / "b.onnx") < 1e-5
+    assert calls == [True, False]
+    assert "unsupported operator for the test" in caplog.text and "legacy exporter" in caplog.text
+    with pytest.raises(RuntimeError, match="unsupported operator"):
+        export_onnx(model, x, tmp_path / "c.onnx", exporter="dynamo")
+    with pytest.raises(ValueError, match="'exporter'"):
+        export_onnx(model, x, tmp_path / "d.onnx", exporter="tf")

@@ -24,7 +24,7 @@ log = logging.getLogger("classaware_plugin")
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Libraries we call are not allowed to talk over our output.
-    for noisy in ("nni", "torch_pruning", "matplotlib", "PIL"):
+    for noisy in ("nni", "torch_pruning", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
