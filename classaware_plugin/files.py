@@ -90,7 +90,16 @@ def load_object(path: str | os.PathLike[str], *, what: str = "file", trusted: bo
         return _read(path, what, weights_only=False)
     prefixes = TRUSTED_MODULES + tuple(allow_modules)
     safe: list[Any] = []
-    if zipfile.is_zipfile(path):
+    is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if head[:1] != b"\x80":  # torch.save writes a zip archive (or, before torch 1.6, a pickle: protocol byte 0x80)
+            raise CheckpointError(
+                f"The {what} {str(path)!r} is not a PyTorch file: neither the zip archive torch.save writes nor a "
+                f"pickle (it begins with {head!r})."
+            )
+    if is_zip:
         try:
             names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
         except Exception as e:  # noqa: BLE001 - any failure here means the file is not a readable checkpoint

@@ -140,6 +140,7 @@ def test_load_model_refuses_what_is_not_a_whole_module(tmp_path, kind):
     with pytest.raises(CheckpointError) as e:
         load_model(path)
     assert str(path) in str(e.value)
+    assert isinstance(e.value, UntrustedCheckpointError) == (kind == "payload")  # never "trust it" for junk
     assert not (tmp_path / "PWNED").exists()
 
 

@@ -190,6 +190,10 @@ class Job:
         loss = make_loss(self.cfg, bundle, important)
         path = self.dir / DENSE_TRAINING
         saved = self._load(path, "dense training checkpoint") if path.exists() else None
+        if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("phase"), int)
+                                      and isinstance(saved.get("train"), dict)):
+            raise CheckpointError(f"The dense training checkpoint {str(path)!r} was not written by this job; delete it "
+                                  "to train the dense model from the start.")
         phases = [("dense warm-up", min(t["warmup_epochs"], t["epochs"]), True)] if t["warmup_epochs"] else []
         phases.append(("dense training", t["epochs"] - t["warmup_epochs"], False))
         for i, (desc, epochs, warmup) in enumerate(phases):
