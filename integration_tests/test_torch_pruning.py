@@ -207,9 +207,10 @@ def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_mod
     final_val = evaluate(model, val_dl, [3])
     assert not constraint.violations(dense_val, final_val)          # the invariant, re-measured
     assert final_val.fn[3] == result.final.fn[3]
-    if accepted_states:
-        for k, v in model.state_dict().items():
-            assert torch.equal(v, accepted_states[-1][k])             # exactly the last accepted state
+    expected = accepted_states[-1] if accepted_states else dense_digits_model.state_dict()  # nothing accepted: dense
+    assert model.state_dict().keys() == expected.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, expected[k])                            # exactly the last accepted (or dense) state
     params, macs = count_params_macs(model, ex)
     assert params == result.measure["params"] and macs == result.measure["macs"]
     assert result.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
