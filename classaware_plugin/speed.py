@@ -90,3 +90,24 @@ def speedup(dense: nn.Module, pruned: nn.Module, input_shape: Sequence[int], bat
             d, p = statistics.median(times[0]), statistics.median(times[1])
             out[runtime] = {"dense_ms": d, "pruned_ms": p, "speedup": d / p, "batch_size": batch_size}
     return out
+
+
+class LatencyProbe:
+    """``probe(model) -> dense latency / model latency`` on this machine, measured interleaved with a copy of the
+    dense model every time (so that load on the machine affects both alike): what a latency target is checked
+    against. Timing is not deterministic, so neither are decisions taken on it (nor a resumed run's)."""
+
+    def __init__(self, dense: nn.Module, input_shape: Sequence[int], batch_size: int = 64,
+                 runtime: str = "onnxruntime", repeats: int = 10) -> None:
+        import copy
+
+        check_choice("runtime", runtime, RUNTIMES)
+        check_number("batch_size", batch_size, low=1, integer=True)
+        check_number("repeats", repeats, low=1, integer=True)
+        self.dense = copy.deepcopy(dense).eval()
+        self.input_shape, self.batch_size, self.runtime, self.repeats = tuple(input_shape), batch_size, runtime, repeats
+
+    def __call__(self, model: nn.Module) -> float:
+        result = speedup(self.dense, model, self.input_shape, batch_size=self.batch_size, runtimes=(self.runtime,),
+                         repeats=self.repeats)
+        return result[self.runtime]["speedup"]

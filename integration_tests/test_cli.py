@@ -251,6 +251,18 @@ def test_resume_is_exact_wherever_the_run_is_killed(default_run, tmp_path, monke
     assert not (out / "dense_training.pt").exists()  # removed once the dense model is saved
 
 
+def test_a_latency_target_is_measured_at_every_attempt(tmp_path):
+    """The job with a latency target instead of MACs: every attempt records the measured speed-up over the dense
+    model and the report names the target (whether it is reached depends on the clock, so it is not asserted)."""
+    out = tmp_path / "latency"
+    sets = [*FAST, "pruning.target_latency_reduction=1.3", "pruning.latency_runtime=torch",
+            "pruning.latency_batch_size=16", "pruning.max_steps=3", "export.onnx=false"]
+    assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["target"] == {"key": "latency_reduction", "value": 1.3}
+    assert report["history"] and all(r["latency_reduction"] > 0 for r in report["history"])
+
+
 def test_force_clears_only_a_run_directory(tmp_path, capsys):
     data = tmp_path / "my_data"
     data.mkdir()

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from classaware_plugin import ClassAwareImportance
-from classaware_plugin.core import ClassAwareError, FNConstraint, StaleStatisticsError, evaluate, make_score
+from classaware_plugin.core import ClassAwareError, FNConstrainedPruning, FNConstraint, StaleStatisticsError, evaluate, make_score
 from classaware_plugin.export import export_onnx, export_torchscript, save_model
 from classaware_plugin.torch_pruning import (
     count_params_macs,
@@ -233,6 +233,32 @@ def test_channel_counts_are_rounded_and_the_target_is_still_met(digits, dense_di
         assert any(w % 8 for w in widths)  # without rounding the counts fall anywhere (the check below can fail)
     else:
         assert all(w % round_to == 0 for w in widths), widths
+
+
+def test_the_latency_target_stops_the_loop(digits, dense_digits_model):
+    """The loop stops at the first accepted step whose measured latency reduction reaches the target. The probe here
+    is a stand-in (the square root of the MACs reduction) so that the test checks the logic, not the clock."""
+    from classaware_plugin.torch_pruning import TorchPruningBackend
+
+    model = copy.deepcopy(dense_digits_model)
+    train_dl, val_dl, _ = digits.loaders(64, seed=0)
+    ex = torch.randn(2, *digits.input_shape)
+    dense_macs = count_params_macs(model, ex)[1]
+    probe_calls = []
+
+    def probe(m):
+        probe_calls.append(1)
+        return (dense_macs / count_params_macs(m, ex)[1]) ** 0.5
+
+    backend = TorchPruningBackend(model, ex, ClassAwareImportance([3]), val_dl, [3], calib_loader=train_dl,
+                                  finetune=lambda m: None, latency_probe=probe, round_to=None)
+    loop = FNConstrainedPruning(backend, FNConstraint([3], abs_tol=10_000, max_accuracy_drop=None),
+                                target=1.3, target_key="latency_reduction", step=0.15, max_steps=20)
+    result = loop.run()
+    assert result.stop_reason == "target_reached" and probe_calls
+    latencies = [r.measure["latency_reduction"] for r in result.history]
+    assert latencies[-1] >= 1.3 and all(x < 1.3 for x in latencies[:-1])  # stopped at the first step past it
+    assert result.measure["macs_reduction"] >= 1.3 ** 2 - 1e-9
 
 
 def test_fn_constrained_input_errors(digits, dense_digits_model):

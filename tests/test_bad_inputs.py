@@ -59,7 +59,9 @@ CONFIG = [  # (--set override, a piece of the message: the value or the key it n
     ("pruning.max_steps=0", "0"), ("pruning.calib_batches=0", "0"), ("pruning.finetune_epochs=-1", "-1"),
     ("constraint.abs_tol=-1", "-1"), ("constraint.rel_tol=.nan", "nan"), ("constraint.max_accuracy_drop=2", "2"),
     ("calibration=maybe", "maybe"), ("export.onnx=3", "3"), ("foo=1", "foo"), ("pruning.stepp=0.1", "stepp"),
-    ("pruning.step", "pruning.step"), ("data=5", "5"),
+    ("pruning.step", "pruning.step"), ("data=5", "5"), ("pruning.round_to=0", "0"),
+    ("pruning.target_latency_reduction=0.5", "0.5"), ("pruning.latency_runtime=tensorrt", "tensorrt"),
+    ("pruning.latency_batch_size=0", "0"),
 ]
 
 

@@ -71,3 +71,17 @@ def test_onnx_export_uses_torch_export_and_falls_back_with_a_reason(tmp_path, mo
         export_onnx(model, x, tmp_path / "c.onnx", exporter="dynamo")
     with pytest.raises(ValueError, match="'exporter'"):
         export_onnx(model, x, tmp_path / "d.onnx", exporter="tf")
+
+
+def test_latency_probe_measures_a_reduction_against_its_dense_copy():
+    from classaware_plugin.speed import LatencyProbe
+
+    from .helpers import TinyNet
+
+    dense = TinyNet()
+    probe = LatencyProbe(dense, (1, 6, 6), batch_size=8, runtime="torch", repeats=3)
+    value = probe(dense)
+    assert isinstance(value, float) and value > 0
+    assert probe.dense is not dense  # a copy: pruning the model in place cannot change the reference
+    with pytest.raises(ValueError, match="'runtime'"):
+        LatencyProbe(dense, (1, 6, 6), runtime="tensorrt")

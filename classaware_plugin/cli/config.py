@@ -11,6 +11,7 @@ import yaml
 from ..core._validation import ClassAwareError, check_choice, check_number
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..data import DATASETS
+from ..speed import RUNTIMES
 
 BACKENDS = ("torch-pruning", "nni")
 GRANULARITIES = ("structured", "unstructured")
@@ -141,6 +142,15 @@ def validate(cfg: dict[str, Any]) -> None:
     except ClassAwareError as e:
         raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
     _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)
+    if p["target_latency_reduction"] is not None:
+        _num("pruning.target_latency_reduction", p["target_latency_reduction"], low=1.0, low_open=True)
+        if p["granularity"] != "structured":
+            raise ClassAwareError(
+                f"pruning.target_latency_reduction={p['target_latency_reduction']} needs pruning.granularity: "
+                "structured (zeroed weights do not run faster); use pruning.target_sparsity for unstructured pruning."
+            )
+    _choice("pruning.latency_runtime", p["latency_runtime"], RUNTIMES)
+    _num("pruning.latency_batch_size", p["latency_batch_size"], low=1, integer=True)
     _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
     if p["round_to"] is not None:
         _num("pruning.round_to", p["round_to"], low=1, high=256, integer=True)

@@ -30,7 +30,7 @@ from ..data import DataBundle, load_dataset
 from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
-from ..speed import latency_ms, speedup
+from ..speed import LatencyProbe, latency_ms, speedup
 from ..torch_pruning.unstructured import make_permanent
 from .config import score_config, validate
 
@@ -207,7 +207,8 @@ class Job:
             saved = None
         loss.warmup = False
 
-    def _backend(self, model: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any], attempt_of):
+    def _backend(self, model: nn.Module, dense: nn.Module, bundle: DataBundle, important: list[int],
+                 dl: dict[str, Any], attempt_of):
         p = self.cfg["pruning"]
         loss = make_loss(self.cfg, bundle, important)
         seed = self.cfg["seed"]
@@ -231,19 +232,24 @@ class Job:
             macs = count_macs(model, example)[1]
             return UnstructuredBackend(model, score, dl["val"], important, dl["calib"], finetune,
                                        calib_batches=p["calib_batches"], macs=macs), "sparsity", p["target_sparsity"]
+        # The stop target: fewer MACs, or (target_latency_reduction) measured speed against the dense model.
+        probe, key, target = None, "macs_reduction", p["target_macs_reduction"]
+        if p["target_latency_reduction"] is not None:
+            probe = LatencyProbe(dense, bundle.input_shape, batch_size=p["latency_batch_size"],
+                                 runtime=p["latency_runtime"])
+            key, target = "latency_reduction", p["target_latency_reduction"]
         if p["backend"] == "nni":
             from ..nni.iterative import NNIBackend
 
-            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, options), \
-                "macs_reduction", p["target_macs_reduction"]
+            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, options, probe), key, target
         from ..torch_pruning import ClassAwareImportance, TorchPruningBackend
 
         imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes, **options)
         if imp.score is not None and imp.score.needs_rewind:
             imp.set_rewind_point(self._initial_model())
         return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
-                                   finetune=finetune, calib_batches=p["calib_batches"], round_to=p["round_to"]), \
-            "macs_reduction", p["target_macs_reduction"]
+                                   finetune=finetune, calib_batches=p["calib_batches"], round_to=p["round_to"],
+                                   latency_probe=probe), key, target
 
     def _initial_model(self) -> nn.Module:
         path = self.dir / "init.pt"
@@ -289,7 +295,8 @@ class Job:
         state = self._run_state()
         model = state["model"] if state is not None else self._load_model(d / "dense.pt")
         loop_box: dict[str, FNConstrainedPruning] = {}
-        backend, key, target = self._backend(model, bundle, important, dl, lambda: len(loop_box["loop"].history) + 1)
+        backend, key, target = self._backend(model, dense, bundle, important, dl,
+                                             lambda: len(loop_box["loop"].history) + 1)
         c = cfg["constraint"]
         constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"])
         p = cfg["pruning"]

@@ -39,8 +39,10 @@ class NNIBackend(ModelBackend):
         config_list: list[dict[str, Any]] | None = None,
         pruner_kwargs: dict[str, Any] | None = None,
         calib_batches: int | None = None,
+        latency_probe: Callable[[nn.Module], float] | None = None,
     ) -> None:
         super().__init__(model, val_loader, important_classes, finetune)
+        self.latency_probe = latency_probe  # probe(sped-up model) -> latency reduction, as in TorchPruningBackend
         self.example_inputs = example_inputs
         self.calib_loader = calib_loader
         self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
@@ -52,12 +54,13 @@ class NNIBackend(ModelBackend):
         self._measured: tuple[float, dict[str, float]] | None = None
 
     @classmethod
-    def from_config(cls, model, example, cfg, important, loaders, finetune, score_options):  # type: ignore[no-untyped-def]
+    def from_config(cls, model, example, cfg, important, loaders, finetune, score_options,  # type: ignore[no-untyped-def]
+                    latency_probe=None):
         """The CLI's construction: every Conv2d pruned by filters, the classifier left alone."""
         p = cfg["pruning"]
         return cls(model, example, loaders["val"], important, loaders["calib"], finetune,
                    pruner_kwargs={"score": p["score"], "round_to": p["round_to"], **score_options},
-                   calib_batches=p["calib_batches"])
+                   calib_batches=p["calib_batches"], latency_probe=latency_probe)
 
     # ----------------------------------------------------------------- backend interface
     def prune(self, fraction: float) -> None:
@@ -119,10 +122,11 @@ class NNIBackend(ModelBackend):
                 fast = speedup(copy.deepcopy(self.model), self.example_inputs, self.masks)
                 params, macs = _count(fast, self.example_inputs)
             else:
-                params, macs = self.dense_params, self.dense_macs
+                fast, params, macs = self.model, self.dense_params, self.dense_macs
+            latency = {"latency_reduction": self.latency_probe(fast)} if self.latency_probe else {}
             self._measured = (self.ratio, {"params": params, "macs": macs, "sparse_ratio": self.ratio,
                                            "macs_reduction": self.dense_macs / max(macs, 1),
-                                           "params_reduction": self.dense_params / max(params, 1)})
+                                           "params_reduction": self.dense_params / max(params, 1), **latency})
         return dict(self._measured[1])
 
     def max_fraction(self, key: str, target: float) -> float:

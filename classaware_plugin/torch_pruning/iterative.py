@@ -72,6 +72,8 @@ class TorchPruningBackend(ModelBackend):
             :data:`~classaware_plugin.speed.ROUND_TO` (chosen by measurement: ``python -m benchmarks speed``).
         pruner_factory: ``factory(model, importance, ratio) -> pruner`` to use your own TP pruner settings
             (``round_to`` is then yours to pass).
+        latency_probe: ``probe(model) -> latency reduction`` (e.g. :class:`~classaware_plugin.speed.LatencyProbe`):
+            ``measure()`` then also reports ``latency_reduction``, a target the loop can stop at.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class TorchPruningBackend(ModelBackend):
         calib_batches: int | None = None,
         progress: bool = False,
         round_to: int | None = ROUND_TO,
+        latency_probe: Callable[[nn.Module], float] | None = None,
     ) -> None:
         if round_to is not None:
             check_number("round_to", round_to, low=1, integer=True)
@@ -112,6 +115,7 @@ class TorchPruningBackend(ModelBackend):
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
         self.round_to = round_to
+        self.latency_probe = latency_probe
         self.dense_params, self.dense_macs = count_params_macs(model, example_inputs)
         self._measure_cache: tuple[Any, dict[str, float]] | None = None
 
@@ -194,6 +198,7 @@ class TorchPruningBackend(ModelBackend):
                     "macs": macs,
                     "macs_reduction": self.dense_macs / max(macs, 1),
                     "params_reduction": self.dense_params / max(params, 1),
+                    **({"latency_reduction": self.latency_probe(self.model)} if self.latency_probe else {}),
                 },
             )
         return dict(self._measure_cache[1])
