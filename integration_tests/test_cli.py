@@ -100,6 +100,13 @@ def test_evaluate_prints_the_per_class_table(default_run, capsys):
                  "--important", "3"]) == 0
     out = capsys.readouterr().out
     assert "accuracy" in out and "*3" in out
+    # Without --important, the run's own important classes (here edited to 5 in a copy of its configuration).
+    cfg = yaml.safe_load((default_run / "config.yaml").read_text())
+    cfg["important_classes"] = [5]
+    (default_run.parent / "other.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["evaluate", str(default_run / "pruned.pt"), "--config", str(default_run.parent / "other.yaml")]) == 0
+    out = capsys.readouterr().out
+    assert "*5" in out and "*3" not in out
 
 
 def test_config_default_prints_a_valid_commented_configuration(capsys):

@@ -51,7 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", parents=[trust], help="per-class table of a saved model")
     e.add_argument("model", help="a model saved by classaware-prune (pruned.pt, dense.pt)")
     e.add_argument("--data", default="digits", help="data set name (digits, breast_cancer, fashion_mnist, image_folder)")
-    e.add_argument("--important", nargs="+", default=["3"], help="important classes (indices or names)")
+    e.add_argument("--important", nargs="+",
+                   help="important classes (indices or names; default: those of --config, else the default 3)")
     e.add_argument("--config", help="take the data settings from this run configuration (e.g. RUN/config.yaml)")
     e.add_argument("--split", default="test", choices=["val", "test"])
     return p
@@ -117,9 +118,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from .config import load_config
     from .job import _loaders, load_data
 
-    overrides = [f"important_classes=[{','.join(args.important)}]"]
+    overrides = [f"important_classes=[{','.join(args.important)}]"] if args.important else []
     if args.config:
-        cfg = load_config(args.config, overrides)
+        cfg = load_config(args.config, overrides)  # without --important: the run's own important classes
     else:
         cfg = load_config(None, [*overrides, f"data.name={args.data}"])
     model = load_model(args.model, trusted=args.trust_checkpoint)
