@@ -279,23 +279,25 @@ def load_image_folder(
 
     if not Path(root).is_dir():
         raise ClassAwareError(f"The image folder {root!r} does not exist.")
-    tf = transforms.Compose([transforms.Resize((image_size, image_size)), transforms.ToTensor()])
-    ds: Dataset = datasets.ImageFolder(root, transform=tf)
-    classes, targets = list(ds.classes), list(ds.targets)  # type: ignore[attr-defined]
+    resize = transforms.Resize((image_size, image_size))
+    folder = datasets.ImageFolder(root)  # its loader converts every image to RGB: 3 channels
+    classes, targets = list(folder.classes), list(folder.targets)
     need = len(targets) * 3 * image_size * image_size
     if cache is None:
         cache = need <= CACHE_LIMIT_BYTES
         if not cache:
             log.info("%d images at %d px need %.1f GiB decoded (limit %.1f GiB): decoding from disk at every epoch "
                      "(cache=True forces the cache)", len(targets), image_size, need / 1024**3, CACHE_LIMIT_BYTES / 1024**3)
+    ds: Dataset
     if cache:
-        raw = datasets.ImageFolder(root, transform=transforms.Compose(
-            [transforms.Resize((image_size, image_size)), transforms.PILToTensor()]))
+        folder.transform = transforms.Compose([resize, transforms.PILToTensor()])
         images = torch.empty(len(targets), 3, image_size, image_size, dtype=torch.uint8)
         for i in progress_bar(range(len(targets)), desc="decoding images", total=len(targets)):
-            img = raw[i][0]
-            images[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+            images[i] = folder[i][0]
         ds = _DecodedImages(images, targets)
+    else:
+        folder.transform = transforms.Compose([resize, transforms.ToTensor()])
+        ds = folder
     y = np.asarray(targets)
     tr, va, te = stratified_split(y, (0.6, 0.2, 0.2), seed)
     if keep_fraction < 1.0:

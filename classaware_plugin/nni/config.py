@@ -6,7 +6,7 @@ import copy
 import difflib
 import operator
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -156,9 +156,10 @@ _SUMS = {operator.add, operator.iadd, operator.sub, operator.isub, torch.add, to
 _SUM_METHODS = {"add", "add_", "sub", "sub_"}
 
 
-def residual_groups(graph: torch.fx.GraphModule) -> list[set[str]]:
+def residual_groups(graph: torch.fx.GraphModule, tied: Iterable[Iterable[str]] = ()) -> list[set[str]]:
     """Sets of layers whose output channels must be pruned alike because their outputs are summed, directly or
-    through a chain of residual sums (``y = f(x) + x`` block after block) and channel-wise layers between.
+    through a chain of residual sums (``y = f(x) + x`` block after block) and channel-wise layers between; sets
+    given in ``tied`` (e.g. NNI's own groups) are merged in.
 
     NNI 3.0's own analysis is not transitive: in torchvision's ResNet-18 it ties ``conv1`` to ``layer1.0.conv2`` but
     leaves out ``layer1.1.conv2``, so the three are masked differently and ModelSpeedup keeps the union (55 of
@@ -172,6 +173,12 @@ def residual_groups(graph: torch.fx.GraphModule) -> list[set[str]]:
             a = parent[a]
         return a
 
+    def union(names: set[str]) -> None:
+        for a in names:
+            parent[find(a)] = find(next(iter(names)))
+
+    for group in tied:
+        union(set(group))
     sources: dict[torch.fx.Node, set[str]] = {}
     for node in graph.graph.nodes:
         inputs = [a for a in node.all_input_nodes if a in sources]
@@ -182,10 +189,8 @@ def residual_groups(graph: torch.fx.GraphModule) -> list[set[str]]:
             sources[node] = set(sources.get(node.all_input_nodes[0], set())) if node.all_input_nodes else set()
         elif (node.op == "call_function" and node.target in _SUMS) or (
                 node.op == "call_method" and node.target in _SUM_METHODS):
-            tied = set().union(*(sources[a] for a in inputs)) if inputs else set()
-            for a in tied:
-                parent[find(a)] = find(next(iter(tied)))
-            sources[node] = tied
+            sources[node] = set().union(*(sources[a] for a in inputs)) if inputs else set()
+            union(sources[node])
     groups: dict[str, set[str]] = {}
     for name in list(parent):
         groups.setdefault(find(name), set()).add(name)
@@ -194,20 +199,11 @@ def residual_groups(graph: torch.fx.GraphModule) -> list[set[str]]:
 
 def complete_dependency_groups(graph: torch.fx.GraphModule, cfgs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """``dependency_group_id`` made transitive: NNI's groups and :func:`residual_groups` merged, one id per set."""
-    members: dict[str, int] = {}
-    sets: list[set[str]] = []
     by_id: dict[str, set[str]] = {}
     for c in cfgs:
         if "dependency_group_id" in c:
             by_id.setdefault(c["dependency_group_id"], set()).update(c.get("op_names", []))
-    for group in [*by_id.values(), *residual_groups(graph)]:
-        hit = sorted({members[m] for m in group if m in members})
-        merged = set(group).union(*(sets[i] for i in hit))
-        for i in hit:
-            sets[i] = set()
-        sets.append(merged)
-        for m in merged:
-            members[m] = len(sets) - 1
+    members = {m: i for i, group in enumerate(residual_groups(graph, by_id.values())) for m in group}
     out = []
     for c in cfgs:
         names = c.get("op_names", [])

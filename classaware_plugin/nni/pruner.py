@@ -62,8 +62,8 @@ class ClassAwarePruner(TaylorPruner):
         max_batches: at most this many batches feed the statistics.
         batch_to_xy: how to read (inputs, labels) from a training batch.
         round_to: with ``granularity='out_channel'``, every pruned layer keeps a multiple of this many filters (the
-            kept count rounded down, never below ``round_to``; entries are split per module for it), so that the
-            sped-up model runs fast. ``None`` (default) keeps NNI's meaning of ``sparse_ratio`` exactly.
+            multiple nearest to what ``sparse_ratio`` asks for, at least one; entries are split per module for it),
+            so that the sped-up model runs fast. ``None`` (default) keeps NNI's meaning of ``sparse_ratio`` exactly.
 
     Example:
         >>> pruner = ClassAwarePruner(model, [{"op_types": ["Conv2d"], "sparse_ratio": 0.5,
