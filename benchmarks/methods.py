@@ -27,7 +27,7 @@ from classaware_plugin.core import (
     train,
 )
 from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, count_params_macs, make_permanent
-from classaware_plugin.unstructured_backend import UnstructuredBackend
+from classaware_plugin.unstructured import UnstructuredBackend
 
 # The FN rule used by every *_fn method: FN_c <= FN_c(dense) + max(1, ceil(0.1 FN_c(dense))), accuracy drop <= 3 points.
 FN_RULE = dict(abs_tol=1, rel_tol=0.1, max_accuracy_drop=0.03)

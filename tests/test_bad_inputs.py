@@ -61,7 +61,7 @@ CONFIG = [  # (--set override, a piece of the message: the value or the key it n
     ("calibration=maybe", "maybe"), ("export.onnx=3", "3"), ("foo=1", "foo"), ("pruning.stepp=0.1", "stepp"),
     ("pruning.step", "pruning.step"), ("data=5", "5"), ("pruning.round_to=0", "0"),
     ("pruning.target_latency_reduction=0.5", "0.5"), ("pruning.latency_runtime=tensorrt", "tensorrt"),
-    ("pruning.latency_batch_size=0", "0"),
+    ("pruning.latency_batch_size=0", "0"), ("training.patience=0", "0"), ("pruning.finetune_patience=1.5", "1.5"),
 ]
 
 

@@ -15,6 +15,7 @@ from classaware_plugin.core import (
     FNConstraint,
     NonFiniteLossError,
     NothingToPrune,
+    PruningBackend,
 )
 
 
@@ -26,7 +27,7 @@ def make_eval(fn: int, accuracy: float = 0.9, support: int = 50) -> Evaluation:
     )
 
 
-class ScriptedBackend:
+class ScriptedBackend(PruningBackend):
     """A backend whose 'model' is a tensor; each prune step scribbles on it; outcomes are scripted."""
 
     def __init__(self, outcomes, dense_fn=10, dense_acc=0.9, fail_at=None):
@@ -229,3 +230,42 @@ def test_rounded_channels_keeps_the_nearest_multiple_within_the_layer():
     assert rounded_channels(22, 21.0, 8) == 22        # never above the layer's width
     assert rounded_channels(64, 40.7, None) == 40 and rounded_channels(64, 40.7, 1) == 40
     assert rounded_channels(64, 62.0, 8, down=True) == 56 and rounded_channels(16, 7.0, 8, down=True) == 8
+
+
+def test_a_halved_step_grows_back_after_a_success_but_not_past_the_first_step():
+    # reject at 0.5 -> retry at 0.25 (accepted) -> the step doubles back to 0.5, and stays there (capped)
+    backend = ScriptedBackend([(20, 0.9), (10, 0.9), (10, 0.9), (10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.95, target_key="sparsity", step=0.5,
+                               max_halvings=2, max_steps=4).run()
+    assert [r.decision for r in res.history] == ["retry", "accept", "accept", "accept"]
+    assert [r.fraction for r in res.history] == [0.5, 0.25, 0.5, 0.5]
+
+
+@pytest.mark.parametrize("target,attempts", [(0.5, 1), (0.5 + 1e-6, 2)])
+def test_the_loop_stops_exactly_at_the_target(target, attempts):
+    # One step of 0.5 gives sparsity 0.5 exactly: a target of 0.5 is reached; one a hair above is not.
+    backend = ScriptedBackend([(10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=target, target_key="sparsity", step=0.5).run()
+    assert res.stop_reason == "target_reached" and len(res.history) == attempts
+
+
+def test_the_stop_reason_comes_from_what_happened_not_from_the_message():
+    # A backend with nothing left on the very first step: nothing_left; after a rejected step a halved step that
+    # removes nothing: no_compliant_step. Both are recorded as 'stop' with the reason kept over a resume.
+    backend = ScriptedBackend([(10, 0.9)], fail_at=1)
+    loop = FNConstrainedPruning(backend, FNConstraint([1]), target=0.9, target_key="sparsity")
+    assert loop.run().stop_reason == "nothing_left"
+    backend = ScriptedBackend([(20, 0.9)], fail_at=2)
+    loop = FNConstrainedPruning(backend, FNConstraint([1]), target=0.9, target_key="sparsity")
+    assert loop.run().stop_reason == "no_compliant_step"
+    again = FNConstrainedPruning(ScriptedBackend([(10, 0.9)]), FNConstraint([1]), target=0.9, target_key="sparsity")
+    again.load_state_dict({**loop.state_dict(), "stop_reason": None})
+    assert again.run(dense=loop.dense_).stop_reason == "no_compliant_step"
+
+
+def test_a_backend_must_subclass_the_contract():
+    class Duck:
+        def prune(self, fraction): ...
+
+    with pytest.raises(ClassAwareError, match="must be a classaware_plugin.core.PruningBackend.*Duck"):
+        FNConstrainedPruning(Duck(), FNConstraint([1]), target=2.0)

@@ -155,3 +155,15 @@ def test_fisher_score_collects_what_the_granularity_needs():
     score.collect(model, toy_loader())
     assert score.channel_scores(model) is None
     assert score.element_scores(model)[model.conv]["weight"].shape == model.conv.weight.shape
+
+
+def test_reduce_to_channels_sums_over_every_other_dimension():
+    from classaware_plugin.core import reduce_to_channels
+
+    # channel 0: many small scores (sum 4, max 1); channel 1: one large (sum 3, max 3): sums and maxima disagree
+    scores = torch.zeros(2, 4, 1, 1)
+    scores[0] = 1.0
+    scores[1, 0] = 3.0
+    assert torch.equal(reduce_to_channels(scores, 0), torch.tensor([4.0, 3.0]))
+    assert torch.equal(reduce_to_channels(scores.transpose(0, 1), 1), torch.tensor([4.0, 3.0]))
+    assert torch.equal(reduce_to_channels(torch.tensor([2.0, 5.0]), 0), torch.tensor([2.0, 5.0]))

@@ -8,12 +8,14 @@ from typing import Any
 
 import yaml
 
+from ..backends import FRAMEWORKS, require_framework
 from ..core._validation import ClassAwareError, check_choice, check_number
 from ..core.scores import available_scores, score_class, score_options, validate_score
+from ..core.training import SCHEDULES
 from ..data import DATASETS
 from ..speed import RUNTIMES
 
-BACKENDS = ("torch-pruning", "nni")
+BACKENDS = tuple(FRAMEWORKS)  # the structured backends; unstructured pruning is plain PyTorch
 GRANULARITIES = ("structured", "unstructured")
 
 
@@ -123,12 +125,20 @@ def validate(cfg: dict[str, Any]) -> None:
     _num("training.epochs", t["epochs"], low=0.0)
     _num("training.lr", t["lr"], low=0.0, low_open=True)
     _choice("training.optimizer", t["optimizer"], ["adam", "sgd"])
+    _choice("training.schedule", t["schedule"], list(SCHEDULES))
     _choice("training.class_weights", t["class_weights"], ["balanced", "inverse", "none"])
     _num("training.rank_weight", t["rank_weight"], low=0.0)
     _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
+    if t["patience"] is not None:
+        _num("training.patience", t["patience"], low=1, integer=True)
     p = cfg["pruning"]
     _choice("pruning.backend", p["backend"], BACKENDS)
     _choice("pruning.granularity", p["granularity"], GRANULARITIES)
+    if p["granularity"] == "structured":
+        try:
+            require_framework(p["backend"])
+        except ClassAwareError as e:
+            raise ClassAwareError(f"pruning.backend={p['backend']}: {e}") from None
     _choice("pruning.score", p["score"], available_scores())
     needs_rewind = score_class(p["score"]).needs_rewind
     if p["backend"] == "nni" and needs_rewind and p["granularity"] == "structured":
@@ -158,6 +168,8 @@ def validate(cfg: dict[str, Any]) -> None:
     _num("pruning.max_halvings", p["max_halvings"], low=0, integer=True)
     _num("pruning.max_steps", p["max_steps"], low=1, integer=True)
     _num("pruning.finetune_epochs", p["finetune_epochs"], low=0.0)
+    if p["finetune_patience"] is not None:
+        _num("pruning.finetune_patience", p["finetune_patience"], low=1, integer=True)
     _num("pruning.lr", p["lr"], low=0.0, low_open=True)
     _num("pruning.calib_batches", p["calib_batches"], low=1, integer=True)
     c = cfg["constraint"]

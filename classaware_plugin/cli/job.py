@@ -24,14 +24,14 @@ from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
-from ..core.scores import make_score
-from ..core.training import train
+from ..core.training import EarlyStopping, train
+from ..backends import create_backend
 from ..data import DataBundle, load_dataset
 from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
 from ..speed import LatencyProbe, latency_ms, speedup
-from ..torch_pruning.unstructured import make_permanent
+from ..measure import count_params_macs
 from .config import score_config, validate
 
 log = logging.getLogger(__name__)
@@ -103,14 +103,8 @@ def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> 
     )
 
 
-def count_macs(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    from ..torch_pruning.iterative import count_params_macs
-
-    return count_params_macs(model, example)
-
-
 def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int | None = None) -> dict[str, Any]:
-    params, counted = count_macs(model, example)
+    params, counted = count_params_macs(model, example)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     d = ev.to_dict()
     return {
@@ -201,8 +195,11 @@ class Job:
             if epochs <= 0 or (saved is not None and saved["phase"] > i):
                 continue
             loss.warmup = warmup
+            # The warm-up is a fixed number of epochs; the training proper stops when validation stops improving.
+            stopper = EarlyStopping(dl["val"], t["patience"]) if t["patience"] is not None and not warmup else None
             train(model, dl["train"], loss, epochs=epochs, lr=t["lr"], optimizer=t["optimizer"], progress=self.progress,
-                  desc=desc, resume=saved["train"] if saved is not None else None,
+                  schedule="constant" if warmup else t["schedule"],
+                  desc=desc, resume=saved["train"] if saved is not None else None, early_stopping=stopper,
                   checkpoint=lambda st, i=i: atomic_save({"phase": i, "train": st}, path))
             saved = None
         loss.warmup = False
@@ -218,38 +215,26 @@ class Job:
             k = attempt_of()
             torch.manual_seed(seed * 100_003 + k)
             dl["generator"].manual_seed(seed * 100_003 + k)
-            train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"],
+            stopper = EarlyStopping(dl["val"], p["finetune_patience"]) if p["finetune_patience"] is not None else None
+            train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"], early_stopping=stopper,
                   optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})")
 
-        options = score_config(p)
         example = torch.zeros(2, *bundle.input_shape)
-        if p["granularity"] == "unstructured":
-            from ..unstructured_backend import UnstructuredBackend
-
-            score = make_score(p["score"], important_classes=important, num_classes=bundle.num_classes, **options)
-            if score.needs_rewind:
-                score.set_rewind_point(self._initial_model())
-            macs = count_macs(model, example)[1]
-            return UnstructuredBackend(model, score, dl["val"], important, dl["calib"], finetune,
-                                       calib_batches=p["calib_batches"], macs=macs), "sparsity", p["target_sparsity"]
-        # The stop target: fewer MACs, or (target_latency_reduction) measured speed against the dense model.
+        # The stop target: sparsity (unstructured), fewer MACs, or measured speed against the dense model.
         probe, key, target = None, "macs_reduction", p["target_macs_reduction"]
-        if p["target_latency_reduction"] is not None:
+        if p["granularity"] == "unstructured":
+            key, target = "sparsity", p["target_sparsity"]
+        elif p["target_latency_reduction"] is not None:
             probe = LatencyProbe(dense, bundle.input_shape, batch_size=p["latency_batch_size"],
                                  runtime=p["latency_runtime"])
             key, target = "latency_reduction", p["target_latency_reduction"]
-        if p["backend"] == "nni":
-            from ..nni.iterative import NNIBackend
-
-            return NNIBackend.from_config(model, example, self.cfg, important, dl, finetune, options, probe), key, target
-        from ..torch_pruning import ClassAwareImportance, TorchPruningBackend
-
-        imp = ClassAwareImportance(important, score=p["score"], num_classes=bundle.num_classes, **options)
-        if imp.score is not None and imp.score.needs_rewind:
-            imp.set_rewind_point(self._initial_model())
-        return TorchPruningBackend(model, example, imp, dl["val"], important, calib_loader=dl["calib"],
-                                   finetune=finetune, calib_batches=p["calib_batches"], round_to=p["round_to"],
-                                   latency_probe=probe), key, target
+        backend = create_backend(
+            "unstructured" if p["granularity"] == "unstructured" else p["backend"], model, score=p["score"],
+            score_options=score_config(p), important_classes=important, num_classes=bundle.num_classes,
+            val_loader=dl["val"], calib_loader=dl["calib"], finetune=finetune, example_inputs=example,
+            calib_batches=p["calib_batches"], round_to=p["round_to"], latency_probe=probe,
+            rewind_model=self._initial_model)
+        return backend, key, target
 
     def _initial_model(self) -> nn.Module:
         path = self.dir / "init.pt"
@@ -315,9 +300,7 @@ class Job:
             loop.load_state_dict(state["controller"])
         if state is None or state["stage"] == "pruning":
             loop.run(dense=dense_val)
-            make_permanent(model)  # unstructured masks baked into plain weights (no-op for structured)
-            if hasattr(backend, "finalize"):
-                backend.finalize()  # NNI: ModelSpeedup removes the masked channels
+            backend.finalize()  # NNI: ModelSpeedup removes the masked channels; unstructured: masks baked into weights
             self._checkpoint(model, loop, "pruned", backend=backend)
             state = {"stage": "pruned"}
         # Step 5: decision calibration (validation only), before export so it survives in every file.

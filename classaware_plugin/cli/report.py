@@ -5,15 +5,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ..core.controller import STOP_REASONS
 from ..export import atomic_write_text
 
-STOP_WORDS = {
-    "target_reached": "the compression target was reached with every important class within its false-negative budget",
-    "no_compliant_step": "no smaller pruning step kept the important classes within their false-negative budget "
-                         "(the last compliant model is returned)",
-    "step_budget": "the budget of pruning attempts ran out (the last compliant model is returned)",
-    "nothing_left": "nothing was left to prune",
-}
 
 
 def _fmt_int(n: Any) -> str:
@@ -84,7 +78,7 @@ def write_markdown(report: dict[str, Any]) -> str:
         f"- Constraint on the validation split: **{'satisfied' if sat else 'NOT satisfied'}** "
         f"(abs_tol {report['constraint']['abs_tol']}, rel_tol {report['constraint']['rel_tol']}, "
         f"max accuracy drop {report['constraint']['max_accuracy_drop']}).",
-        f"- Why it stopped: {STOP_WORDS.get(report['stop_reason'], report['stop_reason'])}.",
+        f"- Why it stopped: {STOP_REASONS.get(report['stop_reason'], report['stop_reason'])}.",
     ]
     cal = report.get("calibration")
     if cal:

@@ -6,14 +6,18 @@ from __future__ import annotations
 
 from ._validation import ClassAwareError
 from .calibration import Calibration, calibrate, find_logit_shifts
+from .backend import ModelBackend, PruningBackend
 from .controller import (
+    DECISIONS,
+    STOP_REASONS,
     ControllerResult,
+    Decision,
     FNConstrainedPruning,
     FNConstraint,
     NonFiniteLossError,
     NothingToPrune,
-    PruningBackend,
     StepRecord,
+    StopReason,
 )
 from .lottery import MaskSet, RewindSnapshot
 from .loss import ClassDependentLoss, make_class_weights
@@ -22,12 +26,12 @@ from .progress import set_quiet
 from .channels import ChannelFisher, ChannelScores
 from .statistics import ClassSaliency, ScoreMap, StaleStatisticsError, WeightStatistics
 from .scores import DEFAULT_SCORE, Score, available_scores, make_score, reduce_to_channels, register_score, score_options
-from .training import train
+from .training import EarlyStopping, train, validation_loss
 
 __all__ = [
-    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "Evaluation",
-    "FNConstrainedPruning", "FNConstraint", "MaskSet", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
+    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "EarlyStopping", "Evaluation",
+    "DECISIONS", "Decision", "FNConstrainedPruning", "FNConstraint", "MaskSet", "ModelBackend", "STOP_REASONS", "StopReason", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
     "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
     "OperatingPoint", "evaluate", "evaluate_predictions", "fn_at_fpr", "fpr_of", "find_logit_shifts", "make_class_weights", "make_score", "predict",
-    "reduce_to_channels", "register_score", "score_options", "set_quiet", "train", "WeightStatistics",
+    "reduce_to_channels", "register_score", "score_options", "set_quiet", "train", "validation_loss", "WeightStatistics",
 ]

@@ -1,20 +1,74 @@
-"""The part of a pruning backend every framework shares: fine-tune, evaluate, snapshot and restore a model."""
+"""The backend contract of :class:`~classaware_plugin.core.FNConstrainedPruning`, and the part every
+model-holding backend shares: fine-tune, evaluate, snapshot and restore a model, count what it costs.
+
+A new backend subclasses :class:`PruningBackend` (anything) or :class:`ModelBackend` (a model pruned in place);
+the optional methods have defaults here, so the controller and the job call them without asking.
+"""
 from __future__ import annotations
 
+import abc
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
+import torch
 from torch import nn
 
 from .metrics import Evaluation, evaluate
 from .modelstate import restore_module, snapshot_module
 
+Counter = Callable[[nn.Module, torch.Tensor], tuple[int, int]]
+"""``counter(model, example_inputs) -> (parameters, MACs)``, e.g. :func:`classaware_plugin.measure.count_params_macs`."""
 
-class ModelBackend:
-    """Base of the backends: subclasses add ``prune(fraction)`` and ``measure()``.
+
+class PruningBackend(abc.ABC):
+    """What the controller drives. ``measure()`` returns at least the key the target refers to."""
+
+    @abc.abstractmethod
+    def prune(self, fraction: float) -> None:
+        """Remove about ``fraction`` of what remains; raise :class:`NothingToPrune` when nothing can be removed."""
+
+    @abc.abstractmethod
+    def finetune(self) -> None: ...
+
+    @abc.abstractmethod
+    def evaluate(self) -> Evaluation: ...
+
+    @abc.abstractmethod
+    def snapshot(self) -> Any: ...
+
+    @abc.abstractmethod
+    def restore(self, state: Any) -> None: ...
+
+    @abc.abstractmethod
+    def measure(self) -> dict[str, float]: ...
+
+    def max_fraction(self, key: str, target: float) -> float:
+        """The largest step worth taking towards ``measure()[key] >= target`` (default: no limit)."""
+        return 1.0
+
+    def finalize(self) -> Any:
+        """Called once after the loop on the last compliant state (e.g. NNI's speed-up). Default: nothing."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs besides the model (default: nothing)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Counterpart of :meth:`state_dict`."""
+
+
+class ModelBackend(PruningBackend):
+    """Base of the model backends: subclasses add ``prune(fraction)``.
 
     Snapshots are deep copies restored *in place* (the caller's reference to ``model`` stays valid), so channel
     counts, masks held as module state and weights come back bit for bit.
+
+    With a ``counter`` and ``example_inputs`` the dense model's parameters and MACs are counted once, and
+    :meth:`measure` reports ``params``, ``macs``, ``macs_reduction``, ``params_reduction`` (and
+    ``latency_reduction`` with a ``latency_probe``) of :meth:`measured_model`, cached while :meth:`measure_key` is
+    unchanged. Backends that measure something else (sparsity) override :meth:`measure`.
     """
 
     def __init__(
@@ -23,11 +77,22 @@ class ModelBackend:
         val_loader: Iterable[Any],
         important_classes: Sequence[int],
         finetune: Callable[[nn.Module], None] | None,
+        example_inputs: torch.Tensor | None = None,
+        counter: Counter | None = None,
+        latency_probe: Callable[[nn.Module], float] | None = None,
     ) -> None:
         self.model = model
         self.val_loader = val_loader
         self.important_classes = list(important_classes)
         self._finetune = finetune
+        self.example_inputs = example_inputs
+        self.counter = counter
+        self.latency_probe = latency_probe  # probe(model) -> speed-up over the dense model
+        self.dense_params: int | None = None
+        self.dense_macs: int | None = None
+        if counter is not None and example_inputs is not None:
+            self.dense_params, self.dense_macs = counter(model, example_inputs)
+        self._measured: tuple[Any, dict[str, float]] | None = None
 
     def finetune(self) -> None:
         if self._finetune is not None:
@@ -39,13 +104,56 @@ class ModelBackend:
     def snapshot(self) -> Any:
         return snapshot_module(self.model)
 
+    def restore(self, state: Any) -> None:
+        restore_module(self.model, state)  # the measure cache is keyed by the architecture: still valid
+
+    # ----------------------------------------------------------------- measuring
+    def measured_model(self) -> nn.Module:
+        """The model whose cost :meth:`measure` counts (NNI: the model its speed-up would produce)."""
+        return self.model
+
+    def measure_key(self) -> Any:
+        """What :meth:`measure`'s cache is valid for (default: the parameter shapes)."""
+        return tuple(tuple(p.shape) for p in self.model.parameters())
+
+    def measure(self) -> dict[str, float]:
+        if self.counter is None or self.example_inputs is None or self.dense_macs is None or self.dense_params is None:
+            raise NotImplementedError(f"{type(self).__name__} has no counter: pass counter= and example_inputs=, or "
+                                      "override measure().")
+        key = self.measure_key()
+        if self._measured is None or self._measured[0] != key:
+            model = self.measured_model()
+            params, macs = self.counter(model, self.example_inputs)
+            out: dict[str, float] = {"params": params, "macs": macs, "macs_reduction": self.dense_macs / max(macs, 1),
+                                     "params_reduction": self.dense_params / max(params, 1)}
+            if self.latency_probe is not None:
+                out["latency_reduction"] = self.latency_probe(model)
+            self._measured = (key, out)
+        return {**self._measured[1], **self.extra_measures()}
+
+    def extra_measures(self) -> dict[str, float]:
+        """Keys a subclass adds to every :meth:`measure` (NNI: its sparse ratio)."""
+        return {}
+
+    def max_fraction(self, key: str, target: float) -> float:
+        """The channel fraction that should about reach a MACs or parameter ``target`` (both shrink about as
+        (1 - f)^2 when f of every layer's channels go); 0.95 otherwise."""
+        if key in ("macs_reduction", "params_reduction"):
+            m = self.measure()
+            if m[key] < target:
+                return min(0.95, max(1e-3, 1.0 - math.sqrt(m[key] / target)))
+        return 0.95
+
+    def invalidate(self) -> None:
+        """Forget cached measurements (after a restore or a load)."""
+        self._measured = None
+
     # ----------------------------------------------------------------- persistence (exact resume)
     def state_dict(self) -> dict[str, Any]:
         """What a resumed run needs beyond the model's own state: the dense model's counts (the reference of every
         reduction, which a resumed backend must not re-measure from the already-pruned model) and whatever a
         subclass adds (:meth:`extra_state`)."""
-        return {"dense_params": getattr(self, "dense_params", None), "dense_macs": getattr(self, "dense_macs", None),
-                **self.extra_state()}
+        return {"dense_params": self.dense_params, "dense_macs": self.dense_macs, **self.extra_state()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (after the backend was built on the checkpointed model)."""
@@ -60,9 +168,3 @@ class ModelBackend:
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         """Counterpart of :meth:`extra_state`."""
-
-    def invalidate(self) -> None:
-        """Forget cached measurements (after a restore or a load)."""
-
-    def restore(self, state: Any) -> None:
-        restore_module(self.model, state)

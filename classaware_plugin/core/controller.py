@@ -10,19 +10,31 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, get_args
 
 from ._validation import ClassAwareError, check_important_classes, check_number
+from .backend import PruningBackend
 from .metrics import Evaluation
 
 log = logging.getLogger(__name__)
 
-DECISIONS = ("accept", "retry", "stop", "rollback")
+Decision = Literal["accept", "retry", "stop", "rollback"]
 """accept: compliant, kept. retry: non-compliant, restored, a smaller step follows. stop: non-compliant,
 restored, no smaller step is allowed, the run ends. rollback: the attempt failed (e.g. a non-finite
 loss), restored, and the error is raised."""
+DECISIONS: tuple[Decision, ...] = get_args(Decision)
 
-STOP_REASONS = ("target_reached", "no_compliant_step", "step_budget", "nothing_left")
+StopReason = Literal["target_reached", "no_compliant_step", "step_budget", "nothing_left"]
+STOP_REASONS: dict[StopReason, str] = {
+    "target_reached": "the compression target was reached with every important class within its false-negative budget",
+    "no_compliant_step": "no smaller pruning step kept the important classes within their false-negative budget "
+                         "(the last compliant model is returned)",
+    "step_budget": "the budget of pruning attempts ran out (the last compliant model is returned)",
+    "nothing_left": "nothing was left to prune",
+}
+"""Why the loop stopped, in words (the report prints them)."""
+assert tuple(STOP_REASONS) == get_args(StopReason)
+
 NOTHING_LEFT = "the backend has nothing left to prune"
 TOO_SMALL = "the halved step removes no channel (channels go in whole blocks): no smaller step exists"
 
@@ -93,18 +105,6 @@ class FNConstraint:
                 )
 
 
-@runtime_checkable
-class PruningBackend(Protocol):
-    """What the controller drives. ``measure()`` returns at least the key the target refers to."""
-
-    def prune(self, fraction: float) -> None: ...
-    def finetune(self) -> None: ...
-    def evaluate(self) -> Evaluation: ...
-    def snapshot(self) -> Any: ...
-    def restore(self, state: Any) -> None: ...
-    def measure(self) -> dict[str, float]: ...
-
-
 @dataclass
 class StepRecord:
     """One attempt of the loop."""
@@ -112,7 +112,7 @@ class StepRecord:
     step: int
     attempt: int
     fraction: float
-    decision: str
+    decision: Decision
     compliant: bool
     violations: list[str]
     measure: dict[str, float]
@@ -141,7 +141,7 @@ class StepRecord:
 
 @dataclass
 class ControllerResult:
-    stop_reason: str
+    stop_reason: StopReason
     history: list[StepRecord]
     dense: Evaluation
     final: Evaluation
@@ -178,9 +178,11 @@ class FNConstrainedPruning:
         max_steps: int = 50,
         on_record: Callable[[StepRecord, FNConstrainedPruning], None] | None = None,
     ) -> None:
-        for name in ("prune", "finetune", "evaluate", "snapshot", "restore", "measure"):
-            if not callable(getattr(backend, name, None)):
-                raise ClassAwareError(f"The 'backend' parameter must implement {name}(). Got {type(backend).__name__}.")
+        if not isinstance(backend, PruningBackend):
+            raise ClassAwareError(
+                "The 'backend' parameter must be a classaware_plugin.core.PruningBackend (subclass it, or ModelBackend "
+                f"for a model pruned in place). Got {type(backend).__name__}."
+            )
         if not isinstance(constraint, FNConstraint):
             raise ClassAwareError(f"The 'constraint' parameter must be an FNConstraint. Got {type(constraint).__name__}.")
         check_number("target", target, low=0.0, low_open=True)
@@ -205,7 +207,8 @@ class FNConstrainedPruning:
         self.accepted = 0
         self.dense_: Evaluation | None = None
         self.current_: Evaluation | None = None
-        self.stop_reason_: str | None = None
+        self.stop_reason_: StopReason | None = None
+        self._stopping: StopReason | None = None  # set by an attempt that ended the run (decision 'stop')
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs besides the backend's own state (the last compliant model)."""
@@ -215,6 +218,7 @@ class FNConstrainedPruning:
             "halvings": self.halvings,
             "accepted": self.accepted,
             "stop_reason": self.stop_reason_,
+            "stopping": self._stopping,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -223,6 +227,7 @@ class FNConstrainedPruning:
         self.halvings = int(state["halvings"])
         self.accepted = int(state["accepted"])
         self.stop_reason_ = state["stop_reason"]
+        self._stopping = state.get("stopping")
 
     # ----------------------------------------------------------------- loop
     def _reached(self, measure: dict[str, float]) -> bool:
@@ -233,7 +238,7 @@ class FNConstrainedPruning:
         return measure[self.target_key] >= self.target - 1e-9
 
     def _record(
-        self, decision: str, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float]
+        self, decision: Decision, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float]
     ) -> StepRecord:
         rec = StepRecord(
             step=self.accepted + (0 if decision == "accept" else 1),
@@ -278,21 +283,18 @@ class FNConstrainedPruning:
         log.info("stopped: %s after %d attempts", self.stop_reason_, len(self.history))
         return ControllerResult(self.stop_reason_, self.history, self.dense_, final, budget, self.backend.measure())
 
-    def _next_stop(self) -> str | None:
+    def _next_stop(self) -> StopReason | None:
         measure = self.backend.measure()
         if self._reached(measure):
             return "target_reached"
-        if self.history and self.history[-1].decision == "stop":
-            return "nothing_left" if self.history[-1].violations == [NOTHING_LEFT] else "no_compliant_step"
+        if self._stopping is not None:
+            return self._stopping
         if len(self.history) >= self.max_steps:
             return "step_budget"
         return None
 
     def _attempt(self) -> None:
-        fraction = self.step_size
-        max_step = getattr(self.backend, "max_fraction", None)
-        if callable(max_step):
-            fraction = min(fraction, max_step(self.target_key, self.target))
+        fraction = min(self.step_size, self.backend.max_fraction(self.target_key, self.target))
         # Step 1: remember the last compliant state.
         state = self.backend.snapshot()
         last = self.current_ if self.current_ is not None else self.backend.evaluate()
@@ -306,6 +308,7 @@ class FNConstrainedPruning:
             self.backend.restore(state)
             # After a rejected step, a halved one that removes nothing means no smaller step exists (channels go in
             # whole blocks, e.g. round_to): no compliant step. Otherwise the model has nothing left to prune.
+            self._stopping = "no_compliant_step" if self.halvings else "nothing_left"
             self._record("stop", last, fraction, [TOO_SMALL if self.halvings else NOTHING_LEFT], self.backend.measure())
             return
         except BaseException:
@@ -330,4 +333,5 @@ class FNConstrainedPruning:
             self.step_size = fraction / 2.0
             self._record("retry", ev, fraction, violations, measure)
         else:
+            self._stopping = "no_compliant_step"
             self._record("stop", ev, fraction, violations, measure)

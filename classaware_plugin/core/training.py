@@ -2,6 +2,8 @@
 masks re-applied after each step, NaN/inf loss stops with :class:`NonFiniteLossError`."""
 from __future__ import annotations
 
+import copy
+import logging
 import math
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -14,8 +16,77 @@ from .controller import NonFiniteLossError
 from .lottery import MaskSet
 from .progress import progress_bar
 
+log = logging.getLogger(__name__)
+
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+
+
+class EarlyStopping:
+    """Stop a :func:`train` call once the validation loss has not improved for ``patience`` epochs in a row, and
+    put back the weights of the best epoch (Keras' ``EarlyStopping(restore_best_weights=True)``).
+
+    The loss is the training loss function evaluated on ``loader`` in eval mode at every epoch boundary and at the
+    end of the call; an epoch improves when its loss is below the best so far by more than ``min_delta``. Its state
+    travels in :func:`train`'s checkpoints, so a resumed call stops where an uninterrupted one would.
+    """
+
+    def __init__(self, loader: Iterable[Any], patience: int = 2, min_delta: float = 0.0) -> None:
+        check_non_empty_loader("loader", loader)
+        check_number("patience", patience, low=1, integer=True)
+        check_number("min_delta", min_delta, low=0.0)
+        self.loader, self.patience, self.min_delta = loader, int(patience), float(min_delta)
+        self.losses: list[float] = []
+        self.best_epoch = 0  # 1-based index into ``losses``; 0 before the first evaluation
+        self._best_weights: dict[str, torch.Tensor] | None = None
+
+    @property
+    def best(self) -> float:
+        return self.losses[self.best_epoch - 1] if self.best_epoch else math.inf
+
+    @property
+    def stopped(self) -> bool:
+        """Whether the last ``patience`` evaluations brought no improvement."""
+        return self.best_epoch > 0 and len(self.losses) - self.best_epoch >= self.patience
+
+    def update(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
+        """Evaluate ``model`` once more; keep its weights when they are the best so far. True: stop now."""
+        value = validation_loss(model, self.loader, loss_fn)
+        self.losses.append(value)
+        if value < self.best - self.min_delta:
+            self.best_epoch = len(self.losses)
+            self._best_weights = copy.deepcopy(model.state_dict())
+        return self.stopped
+
+    def restore_best(self, model: nn.Module) -> None:
+        """Load the best epoch's weights into ``model`` (nothing to do when the last epoch was the best)."""
+        if self._best_weights is not None and self.best_epoch != len(self.losses):
+            model.load_state_dict(self._best_weights)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"losses": list(self.losses), "best_epoch": self.best_epoch, "best_weights": self._best_weights}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.losses, self.best_epoch = list(state["losses"]), int(state["best_epoch"])
+        self._best_weights = state["best_weights"]
+
+
+@torch.no_grad()
+def validation_loss(model: nn.Module, loader: Iterable[Any],
+                    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
+    """The mean of ``loss_fn`` over ``loader``'s batches, weighted by batch size, in eval mode (the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    total, n = 0.0, 0
+    try:
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            total += float(loss_fn(model(x), y)) * len(y)
+            n += len(y)
+    finally:
+        model.train(was_training)
+    return total / max(n, 1)
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
@@ -40,6 +111,7 @@ def train(
     schedule: str = "constant",
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
+    early_stopping: EarlyStopping | None = None,
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
 
@@ -48,6 +120,10 @@ def train(
     ``checkpoint(state)`` is called at every epoch boundary before the last with everything that shapes the rest of
     the call (weights, optimiser and schedule, step, losses, the global torch RNG and the loader's generator);
     ``train(..., resume=state)`` with the same arguments continues from it exactly as if never interrupted.
+
+    ``early_stopping``: evaluated at every epoch boundary and at the end; the call ends early once it says so and
+    leaves the model with the weights of its best epoch. The schedule is not shortened (a cosine schedule is laid
+    out over ``epochs``).
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
@@ -67,21 +143,38 @@ def train(
     generator = getattr(loader, "generator", None)  # a DataLoader's shuffling (and worker seeding) generator
     done = 0
     if resume is not None:
+        if (resume.get("early_stopping") is None) != (early_stopping is None):
+            raise ClassAwareError("The training checkpoint was taken with early stopping "
+                                  f"{'off' if resume.get('early_stopping') is None else 'on'}; this call has it "
+                                  f"{'off' if early_stopping is None else 'on'}. Resume with the same arguments.")
         done = _restore(resume, model, opt, sched, generator, total)
         losses = list(resume["losses"])
+        if early_stopping is not None:
+            early_stopping.load_state_dict(resume["early_stopping"])
     start = done
     model.train()
     try:
         bar = progress_bar(range(done, total), desc=desc, total=total, initial=done, disable=not progress)
         it = iter(())
         running, seen = 0.0, 0
+        stopped = False
         for _ in bar:
-            if checkpoint is not None and done != start and done % n_batches == 0:  # an epoch ended, none begun
-                checkpoint({"step": done, "total": total, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict() if sched is not None else None,
-                            "losses": [*losses, running / seen] if seen else list(losses),
-                            "torch_rng": torch.get_rng_state(),
-                            "generator": generator.get_state() if generator is not None else None})
+            if done != start and done % n_batches == 0:  # an epoch ended, none begun
+                # Finish the epoch's iterator first: a sampler may draw from its generator only when it runs out
+                # (RandomSampler does, when the data set is a multiple of the batch size), and the checkpoint must
+                # hold the generator as the next epoch will find it.
+                for _ in it:
+                    pass
+                if early_stopping is not None and early_stopping.update(model, loss_fn):
+                    stopped = True
+                    break
+                if checkpoint is not None:
+                    checkpoint({"step": done, "total": total, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                "scheduler": sched.state_dict() if sched is not None else None,
+                                "losses": [*losses, running / seen] if seen else list(losses),
+                                "torch_rng": torch.get_rng_state(),
+                                "generator": generator.get_state() if generator is not None else None,
+                                "early_stopping": early_stopping.state_dict() if early_stopping is not None else None})
             try:
                 x, y = next(it)
             except StopIteration:
@@ -106,6 +199,14 @@ def train(
             done += 1
         if seen:
             losses.append(running / seen)
+        if early_stopping is not None and total:
+            if not stopped and done > start:  # the last (possibly partial) epoch is judged too
+                early_stopping.update(model, loss_fn)
+            early_stopping.restore_best(model)
+            if stopped:
+                log.info("%s stopped early after epoch %d of %g: no better validation loss than epoch %d's (%.4g) "
+                         "for %d epochs", desc, len(early_stopping.losses), epochs, early_stopping.best_epoch,
+                         early_stopping.best, early_stopping.patience)
     finally:
         if masks is not None:
             masks.detach_all()

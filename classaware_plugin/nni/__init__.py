@@ -3,7 +3,12 @@ silences its import noise, and provides ``ClassAwarePruner``, the pruner registr
 Importing it needs ``nni``; the rest of the package does not."""
 from __future__ import annotations
 
-from ._compat import apply as _apply, bake_masks
+try:
+    import nni as _nni  # noqa: F401
+except ImportError as _e:
+    raise ImportError(f"classaware_plugin.nni needs NNI ({_e}): pip install 'classaware-plugin[nni]'") from _e
+
+from ._compat import apply as _apply, bake_masks  # noqa: E402
 
 _apply()
 

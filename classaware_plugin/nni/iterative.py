@@ -16,15 +16,10 @@ from torch import nn
 
 from ..core.backend import ModelBackend
 from ..core.controller import NothingToPrune
+from ..measure import count_params_macs
 from ._compat import bake_masks, silenced
 from .io import speedup
 from .pruner import ClassAwarePruner
-
-
-def _count(model: nn.Module, example: torch.Tensor) -> tuple[int, int]:
-    from ..torch_pruning.iterative import count_params_macs  # MACs via torch_pruning.utils.count_ops_and_params
-
-    return count_params_macs(model, example)
 
 
 class NNIBackend(ModelBackend):
@@ -41,26 +36,14 @@ class NNIBackend(ModelBackend):
         calib_batches: int | None = None,
         latency_probe: Callable[[nn.Module], float] | None = None,
     ) -> None:
-        super().__init__(model, val_loader, important_classes, finetune)
-        self.latency_probe = latency_probe  # probe(sped-up model) -> latency reduction, as in TorchPruningBackend
-        self.example_inputs = example_inputs
+        super().__init__(model, val_loader, important_classes, finetune, example_inputs=example_inputs,
+                         counter=count_params_macs, latency_probe=latency_probe)
         self.calib_loader = calib_loader
         self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
         self.pruner_kwargs = dict(pruner_kwargs or {})
         self.calib_batches = calib_batches
         self.masks: dict[str, dict[str, torch.Tensor]] = {}
         self.ratio = 0.0
-        self.dense_params, self.dense_macs = _count(model, example_inputs)
-        self._measured: tuple[float, dict[str, float]] | None = None
-
-    @classmethod
-    def from_config(cls, model, example, cfg, important, loaders, finetune, score_options,  # type: ignore[no-untyped-def]
-                    latency_probe=None):
-        """The CLI's construction: every Conv2d pruned by filters, the classifier left alone."""
-        p = cfg["pruning"]
-        return cls(model, example, loaders["val"], important, loaders["calib"], finetune,
-                   pruner_kwargs={"score": p["score"], "round_to": p["round_to"], **score_options},
-                   calib_batches=p["calib_batches"], latency_probe=latency_probe)
 
     # ----------------------------------------------------------------- backend interface
     def prune(self, fraction: float) -> None:
@@ -75,7 +58,6 @@ class NNIBackend(ModelBackend):
             pruner.unwrap_model()
         bake_masks(self.model, masks)
         self.masks, self.ratio = masks, ratio
-        self._measured = None
 
     def finetune(self) -> None:
         if self._finetune is None:
@@ -112,28 +94,15 @@ class NNIBackend(ModelBackend):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         self.masks, self.ratio = copy.deepcopy(state.get("masks", {})), float(state.get("ratio", 0.0))
 
-    def invalidate(self) -> None:
-        self._measured = None
+    def measured_model(self) -> nn.Module:
+        """The model NNI's speed-up would produce from the current masks (a copy; the masks stay the state)."""
+        return speedup(copy.deepcopy(self.model), self.example_inputs, self.masks) if self.masks else self.model
 
-    def measure(self) -> dict[str, float]:
-        """Params and MACs of the model NNI's speed-up would produce from the current masks."""
-        if self._measured is None or self._measured[0] != self.ratio:
-            if self.masks:
-                fast = speedup(copy.deepcopy(self.model), self.example_inputs, self.masks)
-                params, macs = _count(fast, self.example_inputs)
-            else:
-                fast, params, macs = self.model, self.dense_params, self.dense_macs
-            latency = {"latency_reduction": self.latency_probe(fast)} if self.latency_probe else {}
-            self._measured = (self.ratio, {"params": params, "macs": macs, "sparse_ratio": self.ratio,
-                                           "macs_reduction": self.dense_macs / max(macs, 1),
-                                           "params_reduction": self.dense_params / max(params, 1), **latency})
-        return dict(self._measured[1])
+    def measure_key(self) -> Any:
+        return self.ratio  # the architecture follows from the masks, which follow from the ratio
 
-    def max_fraction(self, key: str, target: float) -> float:
-        m = self.measure()
-        if key in ("macs_reduction", "params_reduction") and m[key] < target:
-            return min(0.95, max(1e-3, 1.0 - (m[key] / target) ** 0.5))
-        return 0.95
+    def extra_measures(self) -> dict[str, float]:
+        return {"sparse_ratio": self.ratio}
 
     def finalize(self) -> nn.Module:
         """Remove the pruned channels for real (NNI ModelSpeedup, fixed for current torch)."""

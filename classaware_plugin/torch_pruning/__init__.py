@@ -1,15 +1,22 @@
-"""Torch-Pruning adapter: ``ClassAwareImportance``, FN-constrained iterative pruning, unstructured pruning.
+"""Torch-Pruning adapter: ``ClassAwareImportance`` and FN-constrained iterative structured pruning.
 
-Importing this module needs ``torch-pruning``; the rest of the package does not.
+Importing this module needs ``torch-pruning``; the rest of the package does not. The unstructured helpers
+(``torch.nn.utils.prune``, plain PyTorch) live in :mod:`classaware_plugin.unstructured` and are re-exported here.
 """
 from __future__ import annotations
 
-from .importance import ClassAwareImportance
+try:
+    import torch_pruning as _tp  # noqa: F401
+except ImportError as _e:
+    raise ImportError(f"classaware_plugin.torch_pruning needs Torch-Pruning ({_e}): pip install torch-pruning") from _e
+
+from .importance import ClassAwareImportance  # noqa: E402
 from .io import load_pruned_state, save_pruned_state
 from .iterative import (
-    RoundingMetaPruner, TorchPruningBackend, accumulate_gradients, count_params_macs, prune_with_fn_constraint,
+    RoundingMetaPruner, TorchPruningBackend, accumulate_gradients, prune_with_fn_constraint,
 )
-from .unstructured import (
+from ..measure import count_params_macs
+from ..unstructured import (
     ClassAwarePruningMethod,
     class_aware_importance_scores,
     class_aware_unstructured,

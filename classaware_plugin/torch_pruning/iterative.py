@@ -9,7 +9,6 @@ left behind to reset.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -26,18 +25,13 @@ from ..core.lottery import RewindSnapshot
 from ..core.backend import ModelBackend
 from ..core.scores import score_class
 from ..core.training import train
+from ..measure import count_params_macs
 from ..speed import ROUND_TO
 from .importance import ClassAwareImportance
 
 log = logging.getLogger(__name__)
 
 PrunerFactory = Callable[[nn.Module, Any, float], "tp.pruner.BasePruner"]
-
-
-def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """(parameters, MACs) by ``torch_pruning.utils.count_ops_and_params``."""
-    macs, params = tp.utils.count_ops_and_params(model, example_inputs)
-    return int(params), int(macs)
 
 
 class RoundingMetaPruner(tp.pruner.MetaPruner):
@@ -99,7 +93,6 @@ class TorchPruningBackend(ModelBackend):
     ) -> None:
         if round_to is not None:
             check_number("round_to", round_to, low=1, integer=True)
-        self.example_inputs = example_inputs
         self.importance = importance
         self.calib_loader = calib_loader if calib_loader is not None else train_loader
         self.calib_batches = calib_batches
@@ -110,14 +103,12 @@ class TorchPruningBackend(ModelBackend):
             def finetune(m: nn.Module) -> None:
                 train(m, train_loader, loss_fn, epochs=finetune_epochs, lr=lr, progress=progress, desc="fine-tuning")
 
-        super().__init__(model, val_loader, check_important_classes(important_classes, None), finetune)
+        super().__init__(model, val_loader, check_important_classes(important_classes, None), finetune,
+                         example_inputs=example_inputs, counter=count_params_macs, latency_probe=latency_probe)
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
         self.round_to = round_to
-        self.latency_probe = latency_probe
-        self.dense_params, self.dense_macs = count_params_macs(model, example_inputs)
-        self._measure_cache: tuple[Any, dict[str, float]] | None = None
 
     # ----------------------------------------------------------------- backend interface
     def _make_pruner(self, ratio: float, fallback: bool = False) -> Any:
@@ -177,38 +168,12 @@ class TorchPruningBackend(ModelBackend):
         if self._rewinds() and state.get("rewind_point") is not None:
             self.importance.score.snapshot = RewindSnapshot(state["rewind_point"])
 
-    def invalidate(self) -> None:
-        self._measure_cache = None
-
     def restore(self, state: Any) -> None:
         if self._rewinds():
             super().restore(state[0])
             self.importance.score.snapshot = state[1]
         else:
             super().restore(state)
-
-    def measure(self) -> dict[str, float]:
-        shapes = tuple(tuple(p.shape) for p in self.model.parameters())
-        if self._measure_cache is None or self._measure_cache[0] != shapes:
-            params, macs = count_params_macs(self.model, self.example_inputs)
-            self._measure_cache = (
-                shapes,
-                {
-                    "params": params,
-                    "macs": macs,
-                    "macs_reduction": self.dense_macs / max(macs, 1),
-                    "params_reduction": self.dense_params / max(params, 1),
-                    **({"latency_reduction": self.latency_probe(self.model)} if self.latency_probe else {}),
-                },
-            )
-        return dict(self._measure_cache[1])
-
-    def max_fraction(self, key: str, target: float) -> float:
-        """Channel fraction that should about reach ``target`` (MACs and conv params shrink ~ (1-f)^2)."""
-        m = self.measure()
-        if key in ("macs_reduction", "params_reduction") and m[key] < target:
-            return min(0.95, max(1e-3, 1.0 - math.sqrt(m[key] / target)))
-        return 0.95
 
 
 def accumulate_gradients(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> None:

@@ -1,0 +1,17 @@
+"""Counting what a model costs: parameters and MACs, in one place for every backend and the job.
+
+MACs are counted by ``torch_pruning.utils.count_ops_and_params`` (Torch-Pruning is a base dependency: the CLI's
+default backend); the library is imported on the first count, so importing this module loads no framework.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
+    """(parameters, MACs) of one forward pass on ``example_inputs``, by ``torch_pruning.utils.count_ops_and_params``."""
+    from torch_pruning.utils import count_ops_and_params
+
+    macs, params = count_ops_and_params(model, example_inputs)
+    return int(params), int(macs)
