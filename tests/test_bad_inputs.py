@@ -58,7 +58,7 @@ CONFIG = [  # (--set override, a piece of the message: the value or the key it n
     ("pruning.target_sparsity=1.0", "1.0"), ("pruning.step=0", "0"), ("pruning.step=.inf", "inf"),
     ("pruning.max_steps=0", "0"), ("pruning.calib_batches=0", "0"), ("pruning.finetune_epochs=-1", "-1"),
     ("constraint.abs_tol=-1", "-1"), ("constraint.rel_tol=.nan", "nan"), ("constraint.max_accuracy_drop=2", "2"),
-    ("calibration=maybe", "maybe"), ("export.onnx=3", "3"), ("foo=1", "foo"), ("pruning.stepp=0.1", "stepp"),
+    ("calibration=maybe", "maybe"), ("constraint.operating_point=roc", "roc"), ("export.onnx=3", "3"), ("foo=1", "foo"), ("pruning.stepp=0.1", "stepp"),
     ("pruning.step", "pruning.step"), ("data=5", "5"), ("pruning.round_to=0", "0"),
     ("pruning.target_latency_reduction=0.5", "0.5"), ("pruning.latency_runtime=tensorrt", "tensorrt"),
     ("pruning.latency_batch_size=0", "0"), ("training.patience=0", "0"), ("pruning.finetune_patience=1.5", "1.5"),
@@ -70,6 +70,15 @@ def test_a_bad_configuration_value_is_refused_by_name(override, named):
     with pytest.raises(ClassAwareError) as e:
         load_config(None, [override])
     assert named in str(e.value)
+
+
+def test_a_calibrated_operating_point_without_calibration_is_refused():
+    with pytest.raises(ClassAwareError, match="operating_point=calibrated .* calibration: false"):
+        load_config(None, ["calibration=false", "constraint.operating_point=calibrated"])
+    from classaware_plugin.cli.config import operating_point
+
+    assert operating_point(load_config(None, ["calibration=false"])) == "argmax"  # null follows calibration
+    assert operating_point(load_config(None, [])) == "calibrated"
 
 
 def _config_file(tmp: Path, kind: str) -> Path:

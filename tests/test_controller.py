@@ -16,6 +16,7 @@ from classaware_plugin.core import (
     NonFiniteLossError,
     NothingToPrune,
     PruningBackend,
+    StepRecord,
 )
 
 
@@ -269,3 +270,76 @@ def test_a_backend_must_subclass_the_contract():
 
     with pytest.raises(ClassAwareError, match="must be a classaware_plugin.core.PruningBackend.*Duck"):
         FNConstrainedPruning(Duck(), FNConstraint([1]), target=2.0)
+
+
+class LogitBackend(PruningBackend):
+    """Scripted validation logits per attempt: class 1 important, 10 positives among 100 samples."""
+
+    def __init__(self, logits_per_attempt):
+        self.y = np.array([1] * 10 + [0] * 90)
+        self.script = logits_per_attempt
+        self.calls = 0
+        self.sparsity = 0.0
+
+    def _logits(self):
+        return self.script[min(self.calls, len(self.script) - 1)]
+
+    def prune(self, fraction):
+        self.calls += 1
+        self.sparsity += (1 - self.sparsity) * fraction
+
+    def finetune(self):
+        pass
+
+    def predict(self):
+        return self.y, self._logits()
+
+    def evaluate(self):
+        from classaware_plugin.core import evaluate_predictions
+
+        return evaluate_predictions(self.y, self._logits(), [1])
+
+    def snapshot(self):
+        return self.calls, self.sparsity
+
+    def restore(self, state):
+        self.sparsity = state[1]
+
+    def measure(self):
+        return {"sparsity": self.sparsity}
+
+
+def _logits(pos_margin, neg_margin):
+    """Column 1 minus column 0: positives at ``pos_margin`` (a list of 10), negatives at ``neg_margin`` (90)."""
+    z = np.zeros((100, 2))
+    z[:10, 1] = pos_margin
+    z[10:, 1] = neg_margin
+    return z
+
+
+def test_the_calibrated_operating_point_accepts_a_moved_threshold_and_rejects_lost_separation():
+    dense = _logits([1.0] * 9 + [-1.0], [-2.0] * 90)  # 1 FN, no FP
+    moved = _logits([-0.5] * 9 + [-1.0], [-2.0] * 90)  # every positive below 0 (10 FN), still above every negative
+    mixed = _logits([-0.5] * 9 + [-1.0], [-2.0] * 80 + [-0.1] * 10)  # 10 negatives now above the positives
+
+    def run(point, script):
+        loop = FNConstrainedPruning(LogitBackend([dense, *script]), FNConstraint([1], operating_point=point),
+                                    target=0.5, target_key="sparsity", step=0.5, max_halvings=0)
+        return loop.run()
+
+    argmax = run("argmax", [moved])
+    assert argmax.history[0].decision == "stop" and "FN of class 1 is 10 > budget 1" in argmax.history[0].violations[0]
+    calibrated = run("calibrated", [moved])
+    rec = calibrated.history[0]
+    assert rec.decision == "accept" and rec.fn[1] == 1 and rec.fp[1] == 0 and 0.5 < rec.shifts[1] < 1.0
+    assert calibrated.stop_reason == "target_reached"
+    lost = run("calibrated", [mixed]).history[0]  # FN back to 1 only by taking 10 negatives along: accuracy -10%
+    assert lost.decision == "stop" and lost.fn[1] == 1 and lost.fp[1] == 10
+    assert any("accuracy fell" in v for v in lost.violations)
+    again = StepRecord.from_dict(rec.to_dict())
+    assert again.shifts == rec.shifts
+
+
+def test_the_operating_point_must_be_known():
+    with pytest.raises(ClassAwareError, match="operating_point.*'roc'"):
+        FNConstraint([1], operating_point="roc")

@@ -10,6 +10,7 @@ import yaml
 
 from ..backends import FRAMEWORKS, require_framework
 from ..core._validation import ClassAwareError, check_choice, check_number
+from ..core.controller import OPERATING_POINTS
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..core.training import SCHEDULES
 from ..data import DATASETS
@@ -179,6 +180,14 @@ def validate(cfg: dict[str, Any]) -> None:
         _num("constraint.max_accuracy_drop", c["max_accuracy_drop"], low=0.0, high=1.0)
     if not isinstance(cfg["calibration"], bool):
         raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")
+    if c["operating_point"] is not None:
+        _choice("constraint.operating_point", c["operating_point"], list(OPERATING_POINTS))
+    if c["operating_point"] == "calibrated" and not cfg["calibration"]:
+        raise ClassAwareError(
+            "constraint.operating_point=calibrated judges every step after the logit shift that calibration folds into "
+            "the model at the end; with calibration: false the model would keep its uncalibrated decisions. Set "
+            "constraint.operating_point: argmax, or calibration: true."
+        )
     if not isinstance(cfg["export"]["onnx"], bool):
         raise ClassAwareError(f"The configuration key 'export.onnx' must be true or false. Got {cfg['export']['onnx']!r}.")
 
@@ -190,3 +199,9 @@ SCORE_OPTIONS = ("omega", "rest_weight", "weighting", "loss", "normalization")
 def score_config(pruning: dict[str, Any]) -> dict[str, Any]:
     """The score options set in the 'pruning' section (refused, naming the option, when the score has no such option)."""
     return score_options(pruning["score"], **{k: pruning.get(k) for k in SCORE_OPTIONS})
+
+
+def operating_point(cfg: dict[str, Any]) -> str:
+    """Where the FN rule judges a step: the configured point, else calibrated when the run calibrates."""
+    point = cfg["constraint"]["operating_point"]
+    return point if point is not None else ("calibrated" if cfg["calibration"] else "argmax")

@@ -32,7 +32,7 @@ from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
 from ..speed import LatencyProbe, latency_ms, speedup
 from ..measure import count_params_macs
-from .config import score_config, validate
+from .config import operating_point, score_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -283,7 +283,8 @@ class Job:
         backend, key, target = self._backend(model, dense, bundle, important, dl,
                                              lambda: len(loop_box["loop"].history) + 1)
         c = cfg["constraint"]
-        constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"])
+        constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"],
+                                  operating_point=operating_point(cfg))
         p = cfg["pruning"]
 
         if state is not None and state.get("backend"):
@@ -329,6 +330,7 @@ class Job:
             "constraint": {
                 "important_classes": important,
                 "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
+                "operating_point": constraint.operating_point,
                 "budget": {str(k): v for k, v in constraint.budget(dense_val.fn).items()},
                 "satisfied": not constraint.violations(dense_val, pruned_val),
             },

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .metrics import Evaluation, evaluate
+from .metrics import Evaluation, evaluate, predict
 from .modelstate import restore_module, snapshot_module
 
 Counter = Callable[[nn.Module, torch.Tensor], tuple[int, int]]
@@ -33,6 +33,10 @@ class PruningBackend(abc.ABC):
 
     @abc.abstractmethod
     def evaluate(self) -> Evaluation: ...
+
+    def predict(self) -> tuple[Any, Any]:
+        """Validation ``(labels, logits)`` as numpy arrays; needed by ``FNConstraint(operating_point='calibrated')``."""
+        raise NotImplementedError(f"{type(self).__name__} has no predict(): use FNConstraint(operating_point='argmax').")
 
     @abc.abstractmethod
     def snapshot(self) -> Any: ...
@@ -100,6 +104,9 @@ class ModelBackend(PruningBackend):
 
     def evaluate(self) -> Evaluation:
         return evaluate(self.model, self.val_loader, self.important_classes)
+
+    def predict(self) -> tuple[Any, Any]:
+        return predict(self.model, self.val_loader)
 
     def snapshot(self) -> Any:
         return snapshot_module(self.model)

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
-from ._validation import ClassAwareError, check_important_classes, check_number
+from ._validation import ClassAwareError, check_choice, check_important_classes, check_number
 from .backend import PruningBackend
-from .metrics import Evaluation
+from .calibration import find_logit_shifts
+from .metrics import Evaluation, evaluate_predictions
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,9 @@ STOP_REASONS: dict[StopReason, str] = {
 }
 """Why the loop stopped, in words (the report prints them)."""
 assert tuple(STOP_REASONS) == get_args(StopReason)
+
+OperatingPoint = Literal["argmax", "calibrated"]
+OPERATING_POINTS: tuple[OperatingPoint, ...] = get_args(OperatingPoint)
 
 NOTHING_LEFT = "the backend has nothing left to prune"
 TOO_SMALL = "the halved step removes no channel (channels go in whole blocks): no smaller step exists"
@@ -55,6 +59,13 @@ class FNConstraint:
     The accuracy guard is on by default: an FN bound alone is met by predicting the important class
     everywhere.
 
+    ``operating_point``: where a step's FN and accuracy are judged. ``'argmax'``: the model's own decisions.
+    ``'calibrated'``: after the smallest non-negative shift of the important classes' logits that brings their FN
+    within budget (:func:`~classaware_plugin.core.find_logit_shifts`), i.e. FN held at the price of false positives,
+    and the accuracy guard judged with that shift. It is the rule for a model that will be calibrated
+    (:func:`~classaware_plugin.core.calibrate`) before use: a step whose fine-tuning only moved the decision
+    threshold is not rejected for it, one whose positives can no longer be told apart is.
+
     Example:
         >>> FNConstraint([3], abs_tol=1, rel_tol=0.1).budget({3: 25})
         {3: 28}
@@ -64,8 +75,10 @@ class FNConstraint:
     abs_tol: int = 0
     rel_tol: float = 0.0
     max_accuracy_drop: float | None = 0.02
+    operating_point: OperatingPoint = "argmax"
 
     def __post_init__(self) -> None:
+        check_choice("operating_point", self.operating_point, OPERATING_POINTS)
         object.__setattr__(self, "important_classes", check_important_classes(self.important_classes, None))
         check_number("abs_tol", self.abs_tol, low=0, integer=True)
         check_number("rel_tol", self.rel_tol, low=0.0)
@@ -90,6 +103,18 @@ class FNConstraint:
             if drop > self.max_accuracy_drop + 1e-12:
                 out.append(f"accuracy fell by {drop:.4f} > {self.max_accuracy_drop}")
         return out
+
+    def judge(self, dense: Evaluation, labels: Any, logits: Any) -> tuple[Evaluation, list[str], dict[int, float]]:
+        """A step's validation ``(labels, logits)`` judged at :attr:`operating_point`: its evaluation there, the
+        violations, and the logit shifts applied (none at argmax)."""
+        shifts: dict[int, float] = {}
+        if self.operating_point == "calibrated":
+            shifts = find_logit_shifts(labels, logits, self.budget(dense.fn))
+            logits = logits.copy()
+            for c, shift in shifts.items():
+                logits[:, c] += shift
+        ev = evaluate_predictions(labels, logits, self.important_classes)
+        return ev, self.violations(dense, ev), shifts
 
     def check_evaluable(self, dense: Evaluation) -> None:
         """An important class without validation samples has no defined FN: refuse before any work."""
@@ -120,9 +145,11 @@ class StepRecord:
     fp: dict[int, int]
     accuracy: float
     auc: dict[int, float]
+    shifts: dict[int, float] = field(default_factory=dict)  # the logit shifts of a 'calibrated' judgement
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
+        d["shifts"] = {str(k): v for k, v in self.shifts.items()}
         d["fn"] = {str(k): v for k, v in self.fn.items()}
         d["fp"] = {str(k): v for k, v in self.fp.items()}
         d["auc"] = {str(k): (None if v != v else v) for k, v in self.auc.items()}
@@ -136,6 +163,7 @@ class StepRecord:
         kw["fn"] = {int(k): v for k, v in d["fn"].items()}
         kw["fp"] = {int(k): v for k, v in d["fp"].items()}
         kw["auc"] = {int(k): (float("nan") if v is None else v) for k, v in d["auc"].items()}
+        kw["shifts"] = {int(k): v for k, v in d.get("shifts", {}).items()}
         return cls(**kw)
 
 
@@ -238,7 +266,8 @@ class FNConstrainedPruning:
         return measure[self.target_key] >= self.target - 1e-9
 
     def _record(
-        self, decision: Decision, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float]
+        self, decision: Decision, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float],
+        shifts: dict[int, float] | None = None,
     ) -> StepRecord:
         rec = StepRecord(
             step=self.accepted + (0 if decision == "accept" else 1),
@@ -252,6 +281,7 @@ class FNConstrainedPruning:
             fp={c: ev.fp[c] for c in ev.fp},
             accuracy=ev.accuracy,
             auc=dict(ev.auc),
+            shifts=dict(shifts or {}),
         )
         self.history.append(rec)
         log.info(
@@ -293,6 +323,14 @@ class FNConstrainedPruning:
             return "step_budget"
         return None
 
+    def _judge(self) -> tuple[Evaluation, list[str], dict[int, float]]:
+        """The backend's current model judged on validation at the constraint's operating point."""
+        assert self.dense_ is not None
+        if self.constraint.operating_point == "argmax":
+            ev = self.backend.evaluate()
+            return ev, self.constraint.violations(self.dense_, ev), {}
+        return self.constraint.judge(self.dense_, *self.backend.predict())
+
     def _attempt(self) -> None:
         fraction = min(self.step_size, self.backend.max_fraction(self.target_key, self.target))
         # Step 1: remember the last compliant state.
@@ -302,7 +340,7 @@ class FNConstrainedPruning:
             # Step 2: prune, fine-tune, evaluate on validation.
             self.backend.prune(fraction)
             self.backend.finetune()
-            ev = self.backend.evaluate()
+            ev, violations, shifts = self._judge()
             measure = self.backend.measure()
         except NothingToPrune:
             self.backend.restore(state)
@@ -316,14 +354,13 @@ class FNConstrainedPruning:
             self.backend.restore(state)
             self._record("rollback", last, fraction, ["the attempt raised an error"], self.backend.measure())
             raise
-        violations = self.constraint.violations(self.dense_, ev)  # type: ignore[arg-type]
         if not violations:
             self.accepted += 1
             self.halvings = 0
             self.current_ = ev
             # After a success, let a halved step grow back (doubling, up to the first step size).
             self.step_size = min(self.initial_step, max(self.step_size, fraction) * 2.0)
-            self._record("accept", ev, fraction, [], measure)
+            self._record("accept", ev, fraction, [], measure, shifts)
             return
         # Step 3: non-compliant -> restore exactly, then retry with half the step or stop.
         self.backend.restore(state)
@@ -331,7 +368,7 @@ class FNConstrainedPruning:
         if self.halvings < self.max_halvings:
             self.halvings += 1
             self.step_size = fraction / 2.0
-            self._record("retry", ev, fraction, violations, measure)
+            self._record("retry", ev, fraction, violations, measure, shifts)
         else:
             self._stopping = "no_compliant_step"
-            self._record("stop", ev, fraction, violations, measure)
+            self._record("stop", ev, fraction, violations, measure, shifts)
