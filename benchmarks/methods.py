@@ -172,13 +172,10 @@ def unstructured(score: str, fn_rule: bool = False, rewind: bool = False, class_
                  one_shot: bool = False, **score_kw: Any):
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
-        kw: dict[str, Any] = {}
-        if score in ("taylor_signed", "fisher"):
-            kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes)
-        elif score == "snip":
-            kw = dict(important_classes=ctx.important, num_classes=ctx.num_classes, omega=1.0, normalization="none")
-        s = make_score("taylor_signed" if score == "snip" else score, **kw, **score_kw)
-        if score == "magnitude_increase":
+        # SNIP is the signed Taylor score with every class weighted alike (|w g| of the loss over all data).
+        name, extra = ("taylor_signed", dict(omega=1.0, normalization="none")) if score == "snip" else (score, {})
+        s = make_score(name, important_classes=ctx.important, num_classes=ctx.num_classes, **extra, **score_kw)
+        if s.needs_rewind:
             s.snapshot = RewindSnapshot(ctx.early_state)
         rounds = max(1, math.ceil(math.log(1 - level) / math.log(0.5)))
         epochs = ctx.suite.finetune_epochs * (rounds if one_shot else 1)

@@ -14,7 +14,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ClassAwareImportance": "classaware_plugin.torch_pruning",
-    "ClassAwarePruningMethod": "classaware_plugin.torch_pruning",
+    "ClassAwarePruningMethod": "classaware_plugin.unstructured",
     "ClassAwarePruner": "classaware_plugin.nni",
 }
 

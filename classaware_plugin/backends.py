@@ -15,7 +15,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 
-from .core._validation import ClassAwareError, check_choice
+from .core.validation import ClassAwareError, check_choice
 from .core.backend import PruningBackend
 from .core.scores import make_score, score_class
 from .measure import count_params_macs

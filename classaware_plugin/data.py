@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .core._validation import ClassAwareError, check_choice, check_important_classes, check_int_list, check_number
+from .core.validation import ClassAwareError, check_choice, check_important_classes, check_int_list, check_number
 from .core.progress import progress_bar
 
 log = logging.getLogger(__name__)

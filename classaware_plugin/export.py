@@ -92,7 +92,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     """
     import onnxruntime as ort
 
-    from .core._validation import check_choice
+    from .core.validation import check_choice
 
     check_choice("exporter", exporter, EXPORTERS)
     model.eval()

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core._validation import ClassAwareError
+from .core.validation import ClassAwareError
 
 TRUSTED_MODULES = ("torch.nn.", "torchvision.models.", "torchvision.ops.", "classaware_plugin.")
 """Module prefixes whose ``nn.Module`` classes a file may name without ``trusted=True``."""

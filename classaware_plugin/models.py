@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core._validation import ClassAwareError, check_number
+from .core.validation import ClassAwareError, check_number
 
 
 class BasicBlock(nn.Module):

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core._validation import check_choice, check_number
+from .core.validation import Constraint, Interval, Options, check_choice, check_number, check_params
 
 RUNTIMES = ("onnxruntime", "torch")
 
@@ -23,6 +23,8 @@ ROUND_TO = 8
 """Default channel rounding of structured pruning: pruned layers keep a multiple of 8 channels. Why 8: CPU and GPU
 kernels work on channel blocks (8 fp32 lanes of AVX2, oneDNN's nChw8c/16c layouts, tensor-core tiles of 8), so
 a layer left with an odd count runs padded or on a slow path. Measured in ``benchmarks/results/speed.md``."""
+ROUND_TO_CONSTRAINT = Interval(1, 256, integer=True, nullable=True)
+"""What ``round_to`` may be in every structured path (``None``: keep any channel count)."""
 
 
 def _timed(run: Callable[[], Any]) -> float:
@@ -97,13 +99,14 @@ class LatencyProbe:
     dense model every time (so that load on the machine affects both alike): what a latency target is checked
     against. Timing is not deterministic, so neither are decisions taken on it (nor a resumed run's)."""
 
+    PARAMETERS: dict[str, Constraint] = {"runtime": Options(RUNTIMES), "batch_size": Interval(1, integer=True),
+                                         "repeats": Interval(1, integer=True)}
+
     def __init__(self, dense: nn.Module, input_shape: Sequence[int], batch_size: int = 64,
                  runtime: str = "onnxruntime", repeats: int = 10) -> None:
         import copy
 
-        check_choice("runtime", runtime, RUNTIMES)
-        check_number("batch_size", batch_size, low=1, integer=True)
-        check_number("repeats", repeats, low=1, integer=True)
+        check_params(self.PARAMETERS, {"runtime": runtime, "batch_size": batch_size, "repeats": repeats})
         self.dense = copy.deepcopy(dense).eval()
         self.input_shape, self.batch_size, self.runtime, self.repeats = tuple(input_shape), batch_size, runtime, repeats
 

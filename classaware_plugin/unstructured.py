@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from .core._validation import ClassAwareError, check_number
+from .core.validation import ClassAwareError, check_number
 from .core.backend import ModelBackend
 from .core.controller import NothingToPrune
 from .core.lottery import MaskSet

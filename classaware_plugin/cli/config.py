@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -9,15 +10,40 @@ from typing import Any
 import yaml
 
 from ..backends import FRAMEWORKS, require_framework
-from ..core._validation import ClassAwareError, check_choice, check_number
-from ..core.controller import OPERATING_POINTS
+from ..core.controller import FNConstrainedPruning, FNConstraint
+from ..core.loss import WEIGHT_SCHEMES
 from ..core.scores import available_scores, score_class, score_options, validate_score
-from ..core.training import SCHEDULES
+from ..core.training import TRAIN_PARAMETERS, EarlyStopping
+from ..core.validation import ClassAwareError, Constraint, check_choice, check_number
 from ..data import DATASETS
-from ..speed import RUNTIMES
+from ..speed import ROUND_TO_CONSTRAINT, LatencyProbe
 
 BACKENDS = tuple(FRAMEWORKS)  # the structured backends; unstructured pruning is plain PyTorch
 GRANULARITIES = ("structured", "unstructured")
+
+
+def _nullable(c: Constraint) -> Constraint:
+    return dataclasses.replace(c, nullable=True)
+
+
+FROM_LIBRARY: dict[str, Constraint] = {
+    "training.epochs": TRAIN_PARAMETERS["epochs"], "training.lr": TRAIN_PARAMETERS["lr"],
+    "training.optimizer": TRAIN_PARAMETERS["optimizer"], "training.schedule": TRAIN_PARAMETERS["schedule"],
+    "training.patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "pruning.step": FNConstrainedPruning.PARAMETERS["step"],
+    "pruning.max_halvings": FNConstrainedPruning.PARAMETERS["max_halvings"],
+    "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
+    "pruning.finetune_epochs": TRAIN_PARAMETERS["epochs"], "pruning.lr": TRAIN_PARAMETERS["lr"],
+    "pruning.finetune_patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "pruning.round_to": ROUND_TO_CONSTRAINT,
+    "pruning.latency_runtime": LatencyProbe.PARAMETERS["runtime"],
+    "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],
+    "constraint.abs_tol": FNConstraint.PARAMETERS["abs_tol"], "constraint.rel_tol": FNConstraint.PARAMETERS["rel_tol"],
+    "constraint.max_accuracy_drop": FNConstraint.PARAMETERS["max_accuracy_drop"],
+    "constraint.operating_point": _nullable(FNConstraint.PARAMETERS["operating_point"]),
+}
+"""Configuration keys whose value goes to a library parameter: checked by that parameter's declared constraint
+(the rule lives once, in the library), the message naming the key."""
 
 
 def default_text() -> str:
@@ -81,17 +107,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def _num(name: str, value: Any, **kw: Any) -> None:
-    try:
-        check_number(name, value, **kw)
-    except ClassAwareError as e:
-        raise ClassAwareError(str(e).replace("parameter", "configuration key", 1)) from None
+    check_number(name, value, what="configuration key", **kw)
 
 
 def _choice(name: str, value: Any, choices: Any) -> None:
-    try:
-        check_choice(name, value, list(choices))
-    except ClassAwareError as e:
-        raise ClassAwareError(str(e).replace("parameter", "configuration key", 1)) from None
+    check_choice(name, value, list(choices), what="configuration key")
 
 
 def validate(cfg: dict[str, Any]) -> None:
@@ -123,15 +143,9 @@ def validate(cfg: dict[str, Any]) -> None:
     if not isinstance(m["kwargs"], dict):
         raise ClassAwareError(f"The configuration key 'model.kwargs' must be a mapping. Got {m['kwargs']!r}.")
     t = cfg["training"]
-    _num("training.epochs", t["epochs"], low=0.0)
-    _num("training.lr", t["lr"], low=0.0, low_open=True)
-    _choice("training.optimizer", t["optimizer"], ["adam", "sgd"])
-    _choice("training.schedule", t["schedule"], list(SCHEDULES))
-    _choice("training.class_weights", t["class_weights"], ["balanced", "inverse", "none"])
+    _choice("training.class_weights", t["class_weights"], WEIGHT_SCHEMES)
     _num("training.rank_weight", t["rank_weight"], low=0.0)
     _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
-    if t["patience"] is not None:
-        _num("training.patience", t["patience"], low=1, integer=True)
     p = cfg["pruning"]
     _choice("pruning.backend", p["backend"], BACKENDS)
     _choice("pruning.granularity", p["granularity"], GRANULARITIES)
@@ -160,28 +174,14 @@ def validate(cfg: dict[str, Any]) -> None:
                 f"pruning.target_latency_reduction={p['target_latency_reduction']} needs pruning.granularity: "
                 "structured (zeroed weights do not run faster); use pruning.target_sparsity for unstructured pruning."
             )
-    _choice("pruning.latency_runtime", p["latency_runtime"], RUNTIMES)
-    _num("pruning.latency_batch_size", p["latency_batch_size"], low=1, integer=True)
     _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
-    if p["round_to"] is not None:
-        _num("pruning.round_to", p["round_to"], low=1, high=256, integer=True)
-    _num("pruning.step", p["step"], low=0.0, high=1.0, low_open=True, high_open=True)
-    _num("pruning.max_halvings", p["max_halvings"], low=0, integer=True)
-    _num("pruning.max_steps", p["max_steps"], low=1, integer=True)
-    _num("pruning.finetune_epochs", p["finetune_epochs"], low=0.0)
-    if p["finetune_patience"] is not None:
-        _num("pruning.finetune_patience", p["finetune_patience"], low=1, integer=True)
-    _num("pruning.lr", p["lr"], low=0.0, low_open=True)
     _num("pruning.calib_batches", p["calib_batches"], low=1, integer=True)
     c = cfg["constraint"]
-    _num("constraint.abs_tol", c["abs_tol"], low=0, integer=True)
-    _num("constraint.rel_tol", c["rel_tol"], low=0.0)
-    if c["max_accuracy_drop"] is not None:
-        _num("constraint.max_accuracy_drop", c["max_accuracy_drop"], low=0.0, high=1.0)
     if not isinstance(cfg["calibration"], bool):
         raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")
-    if c["operating_point"] is not None:
-        _choice("constraint.operating_point", c["operating_point"], list(OPERATING_POINTS))
+    for key, constraint in FROM_LIBRARY.items():
+        section, _, name = key.partition(".")
+        constraint.check(key, cfg[section][name], what="configuration key")
     if c["operating_point"] == "calibrated" and not cfg["calibration"]:
         raise ClassAwareError(
             "constraint.operating_point=calibrated judges every step after the logit shift that calibration folds into "

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +20,7 @@ import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
-from ..core._validation import ClassAwareError
+from ..core.validation import ClassAwareError
 from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
@@ -55,24 +56,15 @@ def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
     elif name == "image_folder":
         kw.update(root=d["path"], image_size=d["image_size"] or 64)
     # Names are resolved against the data set's class names, which need the data set: load once without rarity.
+    given = cfg["important_classes"]
     probe = load_dataset(name, **{**kw, "keep_fraction": 1.0, "important": []}) if any(
-        isinstance(c, str) for c in cfg["important_classes"]) else None
-    names_from = probe.class_names if probe is not None else None
-    important = []
-    for c in cfg["important_classes"]:
-        if isinstance(c, str):
-            assert names_from is not None
-            if c not in names_from:
-                raise ClassAwareError(f"Unknown class name {c!r} in 'important_classes'; the classes are {names_from}.")
-            important.append(names_from.index(c))
-        else:
-            important.append(int(c))
-    bundle = load_dataset(name, important=important, **kw)
-    for c in important:
-        if not 0 <= c < bundle.num_classes:
-            raise ClassAwareError(
-                f"The configuration key 'important_classes' holds {c}, outside [0, {bundle.num_classes}) for {name}."
-            )
+        isinstance(c, str) for c in given) else None
+    try:
+        important = [probe.class_index(c) if isinstance(c, str) and probe is not None else int(c) for c in given]
+        bundle = load_dataset(name, important=important, **kw)
+        important = [bundle.class_index(c) for c in important]  # the range, now that the classes are known
+    except ClassAwareError as e:
+        raise ClassAwareError(f"The configuration key 'important_classes' holds {given!r}: {e}") from None
     return bundle, important
 
 
@@ -82,18 +74,15 @@ def model_modules(cfg: dict[str, Any]) -> tuple[str, ...]:
     return (name.partition(":")[0].split(".")[0] + ".",) if ":" in name else ()
 
 
-def _loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
+def loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
+    """The run's loaders: train (shuffled by a generator seeded from ``seed``), val, test, and calib, a fixed
+    calibration subset (the first batches of a seeded permutation: the same every step and on resume)."""
     bs = cfg["data"]["batch_size"]
-    g = torch.Generator().manual_seed(cfg["seed"])
-    train_dl = DataLoader(bundle.train, batch_size=bs, shuffle=True, generator=g)
-    # A fixed calibration subset (the first batches of a seeded permutation): the same every step and on resume.
+    train_dl, val_dl, test_dl = bundle.loaders(bs, seed=cfg["seed"])
     perm = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg["seed"] + 1))
     n = min(len(bundle.train), bs * cfg["pruning"]["calib_batches"])
     calib = DataLoader(Subset(bundle.train, perm[:n].tolist()), batch_size=bs)
-    return {
-        "train": train_dl, "generator": g, "calib": calib,
-        "val": DataLoader(bundle.val, batch_size=256), "test": DataLoader(bundle.test, batch_size=256),
-    }
+    return {"train": train_dl, "calib": calib, "val": val_dl, "test": test_dl}
 
 
 def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> ClassDependentLoss:
@@ -214,7 +203,7 @@ class Job:
             # Seeded by the attempt number, so a resumed run repeats exactly what an uninterrupted one does.
             k = attempt_of()
             torch.manual_seed(seed * 100_003 + k)
-            dl["generator"].manual_seed(seed * 100_003 + k)
+            dl["train"].generator.manual_seed(seed * 100_003 + k)
             stopper = EarlyStopping(dl["val"], p["finetune_patience"]) if p["finetune_patience"] is not None else None
             train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"], early_stopping=stopper,
                   optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})")
@@ -240,114 +229,149 @@ class Job:
         path = self.dir / "init.pt"
         if not path.exists():
             raise ClassAwareError(
-                "pruning.score=magnitude_increase needs the model's initial weights, which exist only when the job "
-                "trains the dense model itself (model.checkpoint is set). Use pruning.score=fisher."
+                f"pruning.score={self.cfg['pruning']['score']} needs the model's initial weights, which exist only "
+                "when the job trains the dense model itself (model.checkpoint is set). Use pruning.score=fisher."
             )
         return self._load_model(path)
 
-    def _checkpoint(self, model: nn.Module, loop: FNConstrainedPruning, stage: str, extra: dict[str, Any] | None = None,
-                    backend: Any = None) -> None:
-        atomic_save({"stage": stage, "model": model, "controller": loop.state_dict() if loop else None,
-                     "backend": backend.state_dict() if backend is not None else None, **(extra or {})}, self.dir / STATE)
+    def _checkpoint(self, run: PruningRun, stage: str, extra: dict[str, Any] | None = None) -> None:
+        atomic_save({"stage": stage, "model": run.model, "controller": run.loop.state_dict(),
+                     "backend": run.backend.state_dict(), **(extra or {})}, self.dir / STATE)
 
     # ----------------------------------------------------------------- the whole job
     def run(self) -> dict[str, Any]:
-        cfg, d = self.cfg, self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(d / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+        """Data -> dense model -> dense metrics -> pruning -> calibration -> export -> report; every stage's result is
+        on disk before the next begins, so ``--resume`` continues from the last one."""
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         t0 = time.time()
-        # Step 1: data.
-        bundle, important = load_data(cfg)
-        dl = _loaders(bundle, cfg)
-        example = torch.zeros(2, *bundle.input_shape)
-        # Step 2: the dense model (trained or loaded, cached in the run directory).
+        bundle, important = load_data(self.cfg)
+        dl = loaders(bundle, self.cfg)
         dense = self.dense_model(bundle, important, dl)
-        # Step 3: dense metrics.
-        dense_path = d / "dense_metrics.json"
-        if dense_path.exists():
-            dense_metrics = json.loads(dense_path.read_text())
-        else:
-            val_pred, test_pred = predict(dense, dl["val"]), predict(dense, dl["test"])
-            val = evaluate_predictions(*val_pred, important, bundle.num_classes)
-            dense_metrics = {
-                "test": {**summarise(dense, evaluate_predictions(*test_pred, important, bundle.num_classes), example),
-                         "at_dense_fpr": operating_points(val_pred, test_pred, important, val)},
-                "validation": val.to_dict(),
-            }
-            atomic_write_text(dense_path, json.dumps(dense_metrics, indent=1))
+        dense_metrics = self.dense_metrics(dense, bundle, important, dl)
         dense_val = Evaluation.from_dict(dense_metrics["validation"])
-        # Step 4: FN-constrained pruning, resumable after every attempt.
-        state = self._run_state()
-        model = state["model"] if state is not None else self._load_model(d / "dense.pt")
-        loop_box: dict[str, FNConstrainedPruning] = {}
-        backend, key, target = self._backend(model, dense, bundle, important, dl,
-                                             lambda: len(loop_box["loop"].history) + 1)
-        c = cfg["constraint"]
-        constraint = FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], max_accuracy_drop=c["max_accuracy_drop"],
-                                  operating_point=operating_point(cfg))
-        p = cfg["pruning"]
+        run = self.prune(dense, dense_val, bundle, important, dl)
+        calibration = self.calibrate(run, dense_val, important, dl)
+        exports = self.export(run.model, bundle)
+        report = self.report(run, dense, dense_metrics, dense_val, bundle, important, dl, calibration, exports)
+        report["wall_time_s"] = round(time.time() - t0, 1)
+        from .report import write_report
 
+        write_report(report, self.dir)
+        self._checkpoint(run, "done", {"calibration": calibration})
+        return report
+
+    def dense_metrics(self, dense: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> dict[str, Any]:
+        """Test metrics (FN at argmax and at the dense FPR, AUC, AP, cost) and validation metrics of the dense model."""
+        path = self.dir / "dense_metrics.json"
+        if path.exists():
+            return json.loads(path.read_text())
+        val_pred, test_pred = predict(dense, dl["val"]), predict(dense, dl["test"])
+        val = evaluate_predictions(*val_pred, important, bundle.num_classes)
+        metrics = {
+            "test": {**summarise(dense, evaluate_predictions(*test_pred, important, bundle.num_classes),
+                                 torch.zeros(2, *bundle.input_shape)),
+                     "at_dense_fpr": operating_points(val_pred, test_pred, important, val)},
+            "validation": val.to_dict(),
+        }
+        atomic_write_text(path, json.dumps(metrics, indent=1))
+        return metrics
+
+    def prune(self, dense: nn.Module, dense_val: Evaluation, bundle: DataBundle, important: list[int],
+              dl: dict[str, Any]) -> PruningRun:
+        """FN-constrained pruning, checkpointed after every attempt and resumed from the last one."""
+        cfg, c, p = self.cfg, self.cfg["constraint"], self.cfg["pruning"]
+        state = self._run_state()
+        model = state["model"] if state is not None else self._load_model(self.dir / "dense.pt")
+        run = PruningRun(model, FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"],
+                                             max_accuracy_drop=c["max_accuracy_drop"],
+                                             operating_point=operating_point(cfg)),
+                         stage=state["stage"] if state is not None else "pruning",
+                         calibration=state.get("calibration") if state is not None else None)
+        run.backend, run.key, run.target = self._backend(model, dense, bundle, important, dl,
+                                                         lambda: len(run.loop.history) + 1)
         if state is not None and state.get("backend"):
-            backend.load_state_dict(state["backend"])  # the true dense reference, NNI's masks, the rewind point
+            run.backend.load_state_dict(state["backend"])  # the true dense reference, NNI's masks, the rewind point
 
         def on_record(rec: StepRecord, loop: FNConstrainedPruning) -> None:
             if rec.decision != "rollback":  # an interrupted attempt is redone on resume, not recorded
-                self._checkpoint(model, loop, "pruning", backend=backend)
+                self._checkpoint(run, "pruning")
 
-        loop = FNConstrainedPruning(backend, constraint, target=target, target_key=key, step=p["step"],
-                                    max_halvings=p["max_halvings"], max_steps=p["max_steps"], on_record=on_record)
-        loop_box["loop"] = loop
+        run.loop = FNConstrainedPruning(run.backend, run.constraint, target=run.target, target_key=run.key,
+                                        step=p["step"], max_halvings=p["max_halvings"], max_steps=p["max_steps"],
+                                        on_record=on_record)
         if state is not None and state.get("controller"):
-            loop.load_state_dict(state["controller"])
-        if state is None or state["stage"] == "pruning":
-            loop.run(dense=dense_val)
-            backend.finalize()  # NNI: ModelSpeedup removes the masked channels; unstructured: masks baked into weights
-            self._checkpoint(model, loop, "pruned", backend=backend)
-            state = {"stage": "pruned"}
-        # Step 5: decision calibration (validation only), before export so it survives in every file.
-        calibration = state.get("calibration")
-        if cfg["calibration"] and state["stage"] == "pruned":
-            cal = calibrate(model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
-            calibration = cal.to_dict()
-            self._checkpoint(model, loop, "calibrated", {"calibration": calibration}, backend=backend)
+            run.loop.load_state_dict(state["controller"])
+        if run.stage == "pruning":
+            run.loop.run(dense=dense_val)
+            run.backend.finalize()  # NNI: ModelSpeedup removes the masked channels; unstructured: masks baked in
+            run.stage = "pruned"
+            self._checkpoint(run, "pruned")
+        return run
+
+    def calibrate(self, run: PruningRun, dense_val: Evaluation, important: list[int],
+                  dl: dict[str, Any]) -> dict[str, Any] | None:
+        """Decision calibration on validation, before export so that it survives in every file."""
+        if self.cfg["calibration"] and run.stage == "pruned":
+            cal = calibrate(run.model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
+            run.calibration, run.stage = cal.to_dict(), "calibrated"
+            self._checkpoint(run, "calibrated", {"calibration": run.calibration})
+        return run.calibration
+
+    def export(self, model: nn.Module, bundle: DataBundle) -> dict[str, Any]:
+        """``pruned.pt`` and (``export.onnx``) ``pruned.onnx``, checked against onnxruntime."""
+        save_model(model.eval(), self.dir / "pruned.pt")
+        exports: dict[str, Any] = {"pytorch": "pruned.pt"}
+        if self.cfg["export"]["onnx"]:
+            example = torch.randn(4, *bundle.input_shape, generator=torch.Generator().manual_seed(0))
+            exports.update(onnx="pruned.onnx", onnx_max_abs_diff=export_onnx(model, example, self.dir / "pruned.onnx"))
+        return exports
+
+    def report(self, run: PruningRun, dense: nn.Module, dense_metrics: dict[str, Any], dense_val: Evaluation,
+               bundle: DataBundle, important: list[int], dl: dict[str, Any], calibration: dict[str, Any] | None,
+               exports: dict[str, Any]) -> dict[str, Any]:
+        """What report.json holds: dense against pruned on test, the rule and its history, the speed-up."""
+        c, model = self.cfg["constraint"], run.model
         val_pred, test_pred = predict(model, dl["val"]), predict(model, dl["test"])
         pruned_val = evaluate_predictions(*val_pred, important, bundle.num_classes)
         pruned_test = evaluate_predictions(*test_pred, important, bundle.num_classes)
-        # Step 6: export.
-        save_model(model.eval(), d / "pruned.pt")
-        exports: dict[str, Any] = {"pytorch": "pruned.pt"}
-        if cfg["export"]["onnx"]:
-            diff = export_onnx(model, torch.randn(4, *bundle.input_shape, generator=torch.Generator().manual_seed(0)), d / "pruned.onnx")
-            exports.update(onnx="pruned.onnx", onnx_max_abs_diff=diff)
-        # Step 7: the report.
-        macs = int(backend.measure()["macs"]) if cfg["pruning"]["granularity"] == "unstructured" else None
-        report = {
+        macs = int(run.backend.measure()["macs"]) if self.cfg["pruning"]["granularity"] == "unstructured" else None
+        return {
             "dataset": bundle.name,
             "class_names": bundle.class_names,
             "dense": {**dense_metrics["test"], "validation": dense_metrics["validation"]},
-            "pruned": {**summarise(model, pruned_test, example, macs), "validation": pruned_val.to_dict(),
+            "pruned": {**summarise(model, pruned_test, torch.zeros(2, *bundle.input_shape), macs),
+                       "validation": pruned_val.to_dict(),
                        "at_dense_fpr": operating_points(val_pred, test_pred, important, dense_val)},
             "constraint": {
                 "important_classes": important,
                 "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
-                "operating_point": constraint.operating_point,
-                "budget": {str(k): v for k, v in constraint.budget(dense_val.fn).items()},
-                "satisfied": not constraint.violations(dense_val, pruned_val),
+                "operating_point": run.constraint.operating_point,
+                "budget": {str(k): v for k, v in run.constraint.budget(dense_val.fn).items()},
+                "satisfied": not run.constraint.violations(dense_val, pruned_val),
             },
-            "target": {"key": key, "value": target},
-            "history": [r.to_dict() for r in loop.history],
-            "stop_reason": loop.stop_reason_,
+            "target": {"key": run.key, "value": run.target},
+            "history": [r.to_dict() for r in run.loop.history],
+            "stop_reason": run.loop.stop_reason_,
             "calibration": calibration,
             "exports": exports,
             # measured on this machine, dense and pruned interleaved (see classaware_plugin.speed)
             "speed": speedup(dense, model, bundle.input_shape, batch_size=64),
-            "wall_time_s": round(time.time() - t0, 1),
         }
-        from .report import write_report
 
-        write_report(report, d)
-        self._checkpoint(model, loop, "done", {"calibration": calibration}, backend=backend)
-        return report
+
+@dataclass
+class PruningRun:
+    """The pruning stage's objects, shared by the stages after it."""
+
+    model: nn.Module
+    constraint: FNConstraint
+    stage: str = "pruning"
+    calibration: dict[str, Any] | None = None
+    backend: Any = None
+    loop: Any = None
+    key: str = "macs_reduction"
+    target: float = 2.0
 
 
 MARKER = ".classaware-run"

@@ -64,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from .job import Job, prepare_run_dir
 
     set_quiet(args.quiet)
-    from ..core._validation import ClassAwareError
+    from ..core.validation import ClassAwareError
     from .job import MARKER
 
     if args.resume:
@@ -116,7 +116,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.metrics import evaluate
     from ..export import load_model
     from .config import load_config
-    from .job import _loaders, load_data
+    from .job import load_data, loaders
 
     overrides = [f"important_classes=[{','.join(args.important)}]"] if args.important else []
     if args.config:
@@ -125,7 +125,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = load_config(None, [*overrides, f"data.name={args.data}"])
     model = load_model(args.model, trusted=args.trust_checkpoint)
     bundle, important = load_data(cfg)
-    dl = _loaders(bundle, cfg)
+    dl = loaders(bundle, cfg)
     ev = evaluate(model, dl[args.split], important, bundle.num_classes)
     print(f"{args.model} on {bundle.name} ({args.split}, {ev.num_samples} samples): accuracy {ev.accuracy:.4f}")
     print(f"{'class':<16}{'cases':>7}{'FN':>6}{'FP':>6}{'recall':>9}{'AUC':>8}")
@@ -139,7 +139,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     _setup_logging(getattr(args, "quiet", False))
-    from ..core._validation import ClassAwareError
+    from ..core.validation import ClassAwareError
 
     try:
         if args.command == "config":
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(e: BaseException) -> str:
-    from ..core._validation import ClassAwareError
+    from ..core.validation import ClassAwareError
 
     text = " ".join(str(e).split())
     return text if isinstance(e, ClassAwareError) else f"{type(e).__name__}: {text}"

@@ -4,7 +4,7 @@ Nothing here imports NNI or Torch-Pruning (a test checks it).
 """
 from __future__ import annotations
 
-from ._validation import ClassAwareError
+from .validation import ClassAwareError
 from .calibration import Calibration, calibrate, find_logit_shifts
 from .backend import ModelBackend, PruningBackend
 from .controller import (

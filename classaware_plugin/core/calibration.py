@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._validation import ClassAwareError, check_important_classes
+from .validation import ClassAwareError, check_important_classes
 from .metrics import Evaluation, evaluate_predictions, predict
 
 

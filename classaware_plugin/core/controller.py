@@ -10,9 +10,9 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
-from ._validation import ClassAwareError, check_choice, check_important_classes, check_number
+from .validation import ClassAwareError, Constraint, Interval, Options, check_important_classes, check_params
 from .backend import PruningBackend
 from .calibration import find_logit_shifts
 from .metrics import Evaluation, evaluate_predictions
@@ -77,13 +77,14 @@ class FNConstraint:
     max_accuracy_drop: float | None = 0.02
     operating_point: OperatingPoint = "argmax"
 
+    PARAMETERS: ClassVar[dict[str, Constraint]] = {
+        "abs_tol": Interval(0, integer=True), "rel_tol": Interval(0.0),
+        "max_accuracy_drop": Interval(0.0, 1.0, nullable=True), "operating_point": Options(OPERATING_POINTS),
+    }
+
     def __post_init__(self) -> None:
-        check_choice("operating_point", self.operating_point, OPERATING_POINTS)
         object.__setattr__(self, "important_classes", check_important_classes(self.important_classes, None))
-        check_number("abs_tol", self.abs_tol, low=0, integer=True)
-        check_number("rel_tol", self.rel_tol, low=0.0)
-        if self.max_accuracy_drop is not None:
-            check_number("max_accuracy_drop", self.max_accuracy_drop, low=0.0, high=1.0)
+        check_params(self.PARAMETERS, {k: getattr(self, k) for k in self.PARAMETERS})
 
     def budget(self, dense_fn: dict[int, int]) -> dict[int, int]:
         """The largest FN allowed per important class."""
@@ -195,6 +196,11 @@ class FNConstrainedPruning:
         >>> result = loop.run()                                                  # doctest: +SKIP
     """
 
+    PARAMETERS: ClassVar[dict[str, Constraint]] = {
+        "target": Interval(0.0, low_open=True), "step": Interval(0.0, 1.0, low_open=True, high_open=True),
+        "max_halvings": Interval(0, integer=True), "max_steps": Interval(1, integer=True),
+    }
+
     def __init__(
         self,
         backend: PruningBackend,
@@ -213,10 +219,8 @@ class FNConstrainedPruning:
             )
         if not isinstance(constraint, FNConstraint):
             raise ClassAwareError(f"The 'constraint' parameter must be an FNConstraint. Got {type(constraint).__name__}.")
-        check_number("target", target, low=0.0, low_open=True)
-        check_number("step", step, low=0.0, high=1.0, low_open=True, high_open=True)
-        check_number("max_halvings", max_halvings, low=0, integer=True)
-        check_number("max_steps", max_steps, low=1, integer=True)
+        check_params(self.PARAMETERS, {"target": target, "step": step, "max_halvings": max_halvings,
+                                       "max_steps": max_steps})
         self.backend = backend
         self.constraint = constraint
         self.target = float(target)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import ClassAwareError, check_choice, check_important_classes, check_number
+from .validation import ClassAwareError, check_choice, check_important_classes, check_number
 
 WEIGHT_SCHEMES = ("balanced", "inverse", "none")
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import ClassAwareError
+from .validation import ClassAwareError
 
 
 class RewindSnapshot:

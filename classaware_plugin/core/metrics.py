@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
 from torch import nn
 
-from ._validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
+from .validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
 
 
 @dataclass

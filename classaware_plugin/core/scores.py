@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ._validation import ClassAwareError, check_choice
+from .validation import ClassAwareError, check_choice
 from .channels import ChannelFisher, ChannelScores
 from .lottery import RewindSnapshot
 from .statistics import (

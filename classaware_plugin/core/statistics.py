@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._validation import (
+from .validation import (
     ClassAwareError, check_batch, check_choice, check_important_classes, check_non_empty_loader, check_number, run_model,
 )
 from .progress import progress_bar

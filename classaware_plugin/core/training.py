@@ -11,7 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._validation import ClassAwareError, check_batch, check_choice, check_non_empty_loader, check_number
+from .validation import (
+    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
+)
 from .controller import NonFiniteLossError
 from .lottery import MaskSet
 from .progress import progress_bar
@@ -20,6 +22,11 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
+TRAIN_PARAMETERS: dict[str, Constraint] = {
+    "epochs": Interval(0.0), "lr": Interval(0.0, low_open=True), "optimizer": Options(OPTIMIZERS),
+    "schedule": Options(SCHEDULES),
+}
+"""The constraints of :func:`train`'s settings (the CLI checks its training keys against them)."""
 
 
 class EarlyStopping:
@@ -31,10 +38,11 @@ class EarlyStopping:
     travels in :func:`train`'s checkpoints, so a resumed call stops where an uninterrupted one would.
     """
 
+    PARAMETERS: dict[str, Constraint] = {"patience": Interval(1, integer=True), "min_delta": Interval(0.0)}
+
     def __init__(self, loader: Iterable[Any], patience: int = 2, min_delta: float = 0.0) -> None:
         check_non_empty_loader("loader", loader)
-        check_number("patience", patience, low=1, integer=True)
-        check_number("min_delta", min_delta, low=0.0)
+        check_params(self.PARAMETERS, {"patience": patience, "min_delta": min_delta})
         self.loader, self.patience, self.min_delta = loader, int(patience), float(min_delta)
         self.losses: list[float] = []
         self.best_epoch = 0  # 1-based index into ``losses``; 0 before the first evaluation
@@ -90,7 +98,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
 
 
 def make_optimizer(model: nn.Module, name: str = "adam", lr: float = 1e-3, weight_decay: float = 0.0) -> torch.optim.Optimizer:
-    check_choice("optimizer", name, OPTIMIZERS)
+    check_params(TRAIN_PARAMETERS, {"optimizer": name})
     params = [p for p in model.parameters() if p.requires_grad]
     if name == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
@@ -128,9 +136,7 @@ def train(
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
     check_non_empty_loader("loader", loader)
-    check_number("epochs", epochs, low=0.0)
-    check_number("lr", lr, low=0.0, low_open=True)
-    check_choice("schedule", schedule, SCHEDULES)
+    check_params(TRAIN_PARAMETERS, {"epochs": epochs, "lr": lr, "schedule": schedule})
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     if masks is not None:
         masks.apply()

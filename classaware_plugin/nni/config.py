@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core._validation import ClassAwareError
+from ..core.validation import ClassAwareError
 from ..core.channels import rounded_channels
 
 CONFIG_KEYS = (

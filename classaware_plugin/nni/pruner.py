@@ -15,9 +15,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..core._validation import ClassAwareError, check_important_classes, check_number
 from ..core.modelstate import infer_num_classes
 from ..core.scores import DEFAULT_SCORE, Score, make_score, score_class, validate_score
+from ..core.validation import ClassAwareError, check_important_classes, check_number
+from ..speed import ROUND_TO_CONSTRAINT
 from ._compat import apply as _apply_compat
 from ._compat import silenced
 
@@ -105,8 +106,7 @@ class ClassAwarePruner(TaylorPruner):
             raise ClassAwareError("ClassAwarePruner needs an 'evaluator' (NNI's flow) or a 'calib_loader'.")
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
-        if round_to is not None:
-            check_number("round_to", round_to, low=1, integer=True)
+        ROUND_TO_CONSTRAINT.check("round_to", round_to)
         if existed_wrappers is None:
             config_list = prepare_config_list(model, config_list, align_batchnorm, dependency_groups, round_to)
         with silenced():

@@ -23,7 +23,7 @@ from typing import Any
 import yaml
 from torch import nn
 
-from ..core._validation import ClassAwareError
+from ..core.validation import ClassAwareError
 from .config import normalize_keys, prepare_config_list
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function
 
-from ..core._validation import ClassAwareError, check_important_classes, check_number
+from ..core.validation import ClassAwareError, check_important_classes, check_number
 from ..core.channels import ChannelScores
 from ..core.modelstate import infer_num_classes
 from ..core.scores import DEFAULT_SCORE, Score, make_score, reduce_to_channels, score_class, validate_score

@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core._validation import ClassAwareError, check_important_classes, check_number
+from ..core.validation import ClassAwareError, check_important_classes, check_number
 from ..core.calibration import last_linear
 from ..core.channels import rounded_channels
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
@@ -26,7 +26,7 @@ from ..core.backend import ModelBackend
 from ..core.scores import score_class
 from ..core.training import train
 from ..measure import count_params_macs
-from ..speed import ROUND_TO
+from ..speed import ROUND_TO, ROUND_TO_CONSTRAINT
 from .importance import ClassAwareImportance
 
 log = logging.getLogger(__name__)
@@ -91,8 +91,7 @@ class TorchPruningBackend(ModelBackend):
         round_to: int | None = ROUND_TO,
         latency_probe: Callable[[nn.Module], float] | None = None,
     ) -> None:
-        if round_to is not None:
-            check_number("round_to", round_to, low=1, integer=True)
+        ROUND_TO_CONSTRAINT.check("round_to", round_to)
         self.importance = importance
         self.calib_loader = calib_loader if calib_loader is not None else train_loader
         self.calib_batches = calib_batches

@@ -6,7 +6,8 @@ and they are raised before any work is done.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -54,30 +55,76 @@ def check_number(
     low_open: bool = False,
     high_open: bool = False,
     integer: bool = False,
+    what: str = "parameter",
 ) -> float:
-    """Validate a finite number in a (possibly open) interval and return it."""
+    """Validate a finite number in a (possibly open) interval and return it. ``what`` names the kind of setting in
+    the message (``'parameter'``, or ``'configuration key'`` for the CLI)."""
     kind = "an integer" if integer else "a number"
     lo = "(" if low_open else "["
     hi = ")" if high_open else "]"
     rng = f"{lo}{'-inf' if low is None else low}, {'inf' if high is None else high}{hi}"
     ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
     if isinstance(value, bool) or not ok_type:
-        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+        raise ClassAwareError(f"The '{name}' {what} must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
     if not math.isfinite(float(value)):
-        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+        raise ClassAwareError(f"The '{name}' {what} must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
     bad_low = low is not None and (value <= low if low_open else value < low)
     bad_high = high is not None and (value >= high if high_open else value > high)
     if bad_low or bad_high:
-        raise ClassAwareError(f"The '{name}' parameter must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
+        raise ClassAwareError(f"The '{name}' {what} must be {kind} in the range {rng}. Got {_fmt(value)} instead.")
     return value
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+def check_choice(name: str, value: Any, choices: Sequence[Any], what: str = "parameter") -> Any:
     """Validate that ``value`` is one of ``choices``."""
-    if value not in choices:
+    if isinstance(value, bool) or value not in choices:
         allowed = ", ".join(repr(c) for c in choices)
-        raise ClassAwareError(f"The '{name}' parameter must be one of {allowed}. Got {_fmt(value)} instead.")
+        raise ClassAwareError(f"The '{name}' {what} must be one of {allowed}. Got {_fmt(value)} instead.")
     return value
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A number in ``[low, high]`` (each end open or closed, ``None``: unbounded), optionally an integer."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    integer: bool = False
+    nullable: bool = False
+
+    def check(self, name: str, value: Any, what: str = "parameter") -> Any:
+        if value is None and self.nullable:
+            return None
+        return check_number(name, value, low=self.low, high=self.high, low_open=self.low_open,
+                            high_open=self.high_open, integer=self.integer, what=what)
+
+
+@dataclass(frozen=True)
+class Options:
+    """One of a fixed set of values."""
+
+    choices: tuple[Any, ...]
+    nullable: bool = False
+
+    def check(self, name: str, value: Any, what: str = "parameter") -> Any:
+        if value is None and self.nullable:
+            return None
+        return check_choice(name, value, self.choices, what=what)
+
+
+Constraint = Interval | Options
+"""What a public class declares per parameter in its ``PARAMETERS`` mapping (scikit-learn's
+``_parameter_constraints`` in spirit): checked by :func:`check_params`, and by the CLI for the configuration keys
+that feed that parameter, so the rule and its message exist once."""
+
+
+def check_params(constraints: Mapping[str, Constraint], values: Mapping[str, Any]) -> None:
+    """Check each of ``values`` that ``constraints`` declares."""
+    for name, value in values.items():
+        if name in constraints:
+            constraints[name].check(name, value)
 
 
 def check_non_empty_loader(name: str, loader: Any) -> None:
