@@ -343,3 +343,95 @@ def test_the_calibrated_operating_point_accepts_a_moved_threshold_and_rejects_lo
 def test_the_operating_point_must_be_known():
     with pytest.raises(ClassAwareError, match="operating_point.*'roc'"):
         FNConstraint([1], operating_point="roc")
+
+
+def test_every_record_carries_its_step_fraction_measure_and_evaluation():
+    # budget 12: accept (11), retry (20), accept (12), accept (11 again) reaches the target
+    backend = ScriptedBackend([(11, 0.9), (20, 0.8), (12, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1], abs_tol=2), target=0.8, target_key="sparsity", step=0.5,
+                               max_halvings=2).run()
+    assert [(r.step, r.attempt, r.decision) for r in res.history] == [(1, 1, "accept"), (2, 2, "retry"),
+                                                                      (2, 3, "accept"), (3, 4, "accept")]
+    assert [r.fraction for r in res.history] == [0.5, 0.5, 0.25, 0.5]
+    assert [r.measure["sparsity"] for r in res.history] == [0.5, 0.75, 0.625, 0.8125]  # a retry's: before restore
+    assert [r.fn[1] for r in res.history] == [11, 20, 12, 11] and res.history[1].accuracy == 0.8
+    assert res.history[1].violations == ["FN of class 1 is 20 > budget 12", "accuracy fell by 0.1000 > 0.02"]
+    assert all(r.shifts == {} for r in res.history)  # argmax: no shift
+    assert res.final.fn[1] == 11 and res.measure == {"sparsity": 0.8125} and res.stop_reason == "target_reached"
+    d = res.history[1].to_dict()
+    assert d["sparsity"] == 0.75 and d["fn"] == {"0": 0, "1": 20} and d["auc"] == {"1": 0.9}
+    back = StepRecord.from_dict(d)
+    assert back == res.history[1]
+
+
+def test_a_twice_halved_step_doubles_back_once_per_success():
+    # reject 0.5, reject 0.25, accept 0.125 -> 0.25 next (doubled once), then 0.5 (capped at the first step)
+    backend = ScriptedBackend([(20, 0.9), (20, 0.9), (10, 0.9), (10, 0.9), (10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.99, target_key="sparsity", step=0.5,
+                               max_halvings=3, max_steps=5).run()
+    assert [r.fraction for r in res.history] == [0.5, 0.25, 0.125, 0.25, 0.5]
+
+
+def test_an_accuracy_drop_exactly_at_the_guard_is_allowed():
+    backend = ScriptedBackend([(10, 0.88)])  # dense 0.9: a drop of 0.02 (0.020000000000000018 in floats)
+    res = FNConstrainedPruning(backend, FNConstraint([1], max_accuracy_drop=0.02), target=0.5, target_key="sparsity",
+                               step=0.5).run()
+    assert res.history[0].decision == "accept"
+    tighter = FNConstrainedPruning(ScriptedBackend([(10, 0.8799)]), FNConstraint([1], max_accuracy_drop=0.02),
+                                   target=0.5, target_key="sparsity", step=0.5, max_halvings=0).run()
+    assert tighter.history[0].decision == "stop"
+
+
+def test_the_step_limit_is_asked_with_the_target_and_caps_the_step():
+    class Limited(ScriptedBackend):
+        asked = []
+
+        def max_fraction(self, key, target):
+            self.asked.append((key, target))
+            return 0.1
+
+    backend = Limited([(10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.3, target_key="sparsity", step=0.5,
+                               max_steps=1).run()
+    assert backend.asked == [("sparsity", 0.3)] and res.history[0].fraction == 0.1
+
+
+def test_stop_and_rollback_records_keep_the_fraction_tried():
+    backend = ScriptedBackend([(10, 0.9)], fail_at=1)
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.9, target_key="sparsity", step=0.4).run()
+    assert res.history[0].fraction == 0.4 and res.history[0].violations == ["the backend has nothing left to prune"]
+    assert res.final is backend.dense or res.final.fn == backend.dense.fn
+    broken = ScriptedBackend([(10, 0.9)], fail_at=-1)
+    loop = FNConstrainedPruning(broken, FNConstraint([1]), target=0.9, target_key="sparsity", step=0.4)
+    with pytest.raises(NonFiniteLossError):
+        loop.run()
+    assert loop.history[0].decision == "rollback" and loop.history[0].fraction == 0.4
+    assert loop.history[0].violations == ["the attempt raised an error"] and broken.sparsity == 0.0
+
+
+def test_the_result_is_the_last_accepted_evaluation_not_a_new_one():
+    class Counting(ScriptedBackend):
+        evaluations = 0
+
+        def evaluate(self):
+            self.evaluations += 1
+            return super().evaluate()
+
+    backend = Counting([(10, 0.9)])
+    res = FNConstrainedPruning(backend, FNConstraint([1]), target=0.5, target_key="sparsity", step=0.5).run()
+    assert backend.evaluations == 2  # the dense model, then the one accepted step: nothing re-evaluated at the end
+    assert res.final.fn[1] == 10
+
+
+def test_state_dict_round_trip_restores_the_stop_reason_and_counters():
+    backend = ScriptedBackend([(10, 0.9), (20, 0.9)])
+    loop = FNConstrainedPruning(backend, FNConstraint([1]), target=0.9, target_key="sparsity", step=0.5,
+                                max_halvings=1)
+    loop.run()
+    again = FNConstrainedPruning(ScriptedBackend([(10, 0.9)]), FNConstraint([1]), target=0.9, target_key="sparsity")
+    again.load_state_dict(loop.state_dict())
+    assert (again.stop_reason_, again.accepted, again.halvings, again.step_size) == (
+        loop.stop_reason_, loop.accepted, loop.halvings, loop.step_size)
+    assert again.stop_reason_ is not None and again.accepted == loop.accepted > 0
+    again.reset()
+    assert (again.accepted, again.halvings, again.history, again.stop_reason_) == (0, 0, [], None)
