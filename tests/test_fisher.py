@@ -167,3 +167,82 @@ def test_reduce_to_channels_sums_over_every_other_dimension():
     assert torch.equal(reduce_to_channels(scores, 0), torch.tensor([4.0, 3.0]))
     assert torch.equal(reduce_to_channels(scores.transpose(0, 1), 1), torch.tensor([4.0, 3.0]))
     assert torch.equal(reduce_to_channels(torch.tensor([2.0, 5.0]), 0), torch.tensor([2.0, 5.0]))
+
+
+def test_the_fisher_score_defaults_loss_and_squares_are_what_it_says():
+    from classaware_plugin.core import ChannelFisher, StaleStatisticsError
+
+    torch.manual_seed(0)
+    model, loader = TinyNet(), toy_loader()
+    default = make_score("fisher", important_classes=[1], num_classes=3)
+    with pytest.raises(StaleStatisticsError, match=r"^No statistics collected yet: call collect\(model, loader\) first\.$"):
+        default.check_fresh()
+    default.collect(model, loader)  # element granularity: (w * g_b)^2 per batch, with omega 1 and rest weight 1
+    explicit = WeightStatistics([1], 3, squared=True).collect(model, loader).combined(1.0, 1.0, "balanced")
+    for m, tensors in default.element_scores(model).items():
+        for n, t in tensors.items():
+            assert torch.allclose(t, explicit[m][n]) and bool((t >= 0).all())
+    margin = make_score("fisher", important_classes=[1], num_classes=3, loss="margin")
+    margin.collect(model, loader, granularity="channel")
+    ce = make_score("fisher", important_classes=[1], num_classes=3)
+    ce.collect(model, loader, granularity="channel")
+    same = ChannelFisher([1], 3, loss="margin").collect(model, loader).scores(1.0, 1.0, "balanced")
+    layer = model.conv1 if hasattr(model, "conv1") else next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert torch.allclose(margin.channel_scores(model).for_module(layer), same.for_module(layer))
+    assert not torch.allclose(margin.channel_scores(model).for_module(layer), ce.channel_scores(model).for_module(layer))
+    with pytest.raises(StaleStatisticsError, match="granularity='element'"):
+        ce.element_scores(model)
+
+
+def test_registering_a_score_twice_warns_only_for_a_different_class():
+    import warnings
+
+    from classaware_plugin.core import available_scores, register_score
+    from classaware_plugin.core.scores import Score, score_class
+
+    class Mine(Score):
+        def element_scores(self, model):
+            return {}
+
+    try:
+        register_score("test_mine")(Mine)
+        assert score_class("test_mine") is Mine and Mine.name == "test_mine" and "test_mine" in available_scores()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            register_score("test_mine")(Mine)  # the same class again: silent
+
+        class Other(Mine):
+            pass
+
+        with pytest.warns(UserWarning, match="^Score 'test_mine' was registered already; overwriting it with Other.$"):
+            register_score("test_mine")(Other)
+        assert score_class("test_mine") is Other
+    finally:
+        from classaware_plugin.core import scores as _scores
+
+        _scores._REGISTRY.pop("test_mine", None)
+
+
+@pytest.mark.parametrize("important,num_classes", [([2], 3), ([1], 4)])
+def test_statistics_of_other_classes_are_refused_naming_both(important, num_classes):
+    torch.manual_seed(0)
+    model, loader = TinyNet(), toy_loader()
+    state = WeightStatistics([1], 3).collect(model, loader).state_dict()
+    assert state["loss"] == "ce" and state["modules"]
+    with pytest.raises(ClassAwareError, match=rf"^The saved statistics are for important_classes=\[1\] and "
+                                              rf"num_classes=3, not \[{important[0]}\] and {num_classes}\.$"):
+        WeightStatistics(important, num_classes).load_state_dict(state, model)
+
+
+def test_statistics_naming_a_module_the_model_lacks_are_refused():
+    torch.manual_seed(0)
+    model, loader = TinyNet(), toy_loader()
+    state = WeightStatistics([1], 3).collect(model, loader).state_dict()
+    state = {**state, "modules": ["nope", *state["modules"]]}
+    with pytest.raises(ClassAwareError, match=r"^The saved statistics name module 'nope', which the model does not have\.$"):
+        WeightStatistics([1], 3).load_state_dict(state, model)
+    state = WeightStatistics([1], 3).collect(model, loader).state_dict()
+    first = next(iter(state["sums"]))
+    state["sums"][first] = {"ghost": {}, **state["sums"][first]}
+    with pytest.raises(ClassAwareError, match="'ghost'"):
+        WeightStatistics([1], 3).load_state_dict(state, model)

@@ -132,3 +132,51 @@ def test_training_stops_on_non_finite_loss():
     nan_inputs = DataLoader(TensorDataset(torch.tensor([[float("nan"), 0.0]] * 4), torch.tensor([0, 1, 0, 1])), batch_size=2)
     with pytest.raises(ClassAwareError, match="Training step 1 has NaN or inf in its inputs"):
         train(nn.Linear(2, 2), nan_inputs, nn.CrossEntropyLoss(), progress=False)
+
+
+def test_logit_shifts_for_two_classes_are_each_the_smallest_that_meets_its_target():
+    # class 1 and class 2 important; each positive needs a known margin; the other class's shift matters
+    y = np.array([1, 1, 1, 2, 2, 0, 0])
+    z = np.zeros((7, 3))
+    z[0] = [1.0, 0.5, 0.0]  # class-1 positive, needs 0.5
+    z[1] = [1.0, -1.0, 0.0]  # needs 2.0
+    z[2] = [0.0, 1.0, 0.0]  # already right
+    z[3] = [1.0, 0.0, 0.7]  # class-2 positive, needs 0.3
+    z[4] = [2.0, 0.0, 0.0]  # needs 2.0
+    z[5] = [3.0, 0.0, 0.0]
+    z[6] = [3.0, 0.0, 0.0]
+    shifts = find_logit_shifts(y, z, {1: 1, 2: 1})
+    assert 0.5 < shifts[1] < 0.5 + 1e-5 and 0.3 < shifts[2] < 0.3 + 1e-5
+    shifted = z + np.array([0.0, shifts[1], shifts[2]])
+    assert ((y == 1) & (shifted.argmax(1) != 1)).sum() == 1 and ((y == 2) & (shifted.argmax(1) != 2)).sum() == 1
+    assert find_logit_shifts(y, z, {1: 2, 2: 2}) == {1: 0.0, 2: 0.0}  # targets already met: no shift
+
+
+def test_logit_shifts_account_for_the_other_class_shift():
+    # A class-2 positive whose runner-up is class 1: once class 1 is shifted up, class 2 needs more.
+    y = np.array([1, 2])
+    z = np.array([[0.0, -1.0, -5.0], [0.0, 0.5, 0.6]])  # class-1 positive needs 1.0; class-2 positive is right at 0
+    shifts = find_logit_shifts(y, z, {1: 0, 2: 0})
+    assert 1.0 < shifts[1] < 1.0 + 1e-5
+    assert 0.9 < shifts[2] < 0.9 + 1e-5  # 0.5 + 1.0 - 0.6: the shift of class 1 is taken into account
+    shifted = z + np.array([0.0, shifts[1], shifts[2]])
+    assert list(shifted.argmax(1)) == [1, 2]
+
+
+def test_calibration_to_dict_reports_before_and_after():
+    from classaware_plugin.core import Calibration
+
+    before = evaluate_predictions(np.array([1, 1, 0]), np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]]), [1])
+    after = evaluate_predictions(np.array([1, 1, 0]), np.array([[0.0, 1.0], [0.0, 1.0], [0.0, 1.0]]), [1])
+    d = Calibration(shifts={1: 1.5}, before=before, after=after).to_dict()
+    assert d == {"shifts": {"1": 1.5}, "fn_before": {"1": 1}, "fn_after": {"1": 0}, "fp_before": {"1": 0},
+                 "fp_after": {"1": 1}, "accuracy_before": 2 / 3, "accuracy_after": 2 / 3}
+
+
+def test_last_linear_is_the_last_linear_and_its_absence_is_named():
+    from classaware_plugin.core.calibration import last_linear
+
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 4))
+    assert last_linear(model) is model[2]
+    with pytest.raises(ClassAwareError, match="needs the model's last layer to be an nn.Linear; found none"):
+        last_linear(nn.Sequential(nn.Conv2d(1, 1, 1)))

@@ -201,3 +201,31 @@ def test_adapters_refuse_bad_score_options_before_the_number_of_classes_is_known
         ClassAwareImportance([3], omega=-5.0)
     with pytest.raises(ClassAwareError, match="'normalization' does not apply to score='magnitude'"):
         ClassAwareImportance([3], score="magnitude", omega=None, normalization="bogus")
+
+
+def test_bucket_weights_per_weighting_with_per_class_omega_and_empty_buckets():
+    from classaware_plugin.core import ChannelFisher
+
+    stats = ChannelFisher(important_classes=[1, 2], num_classes=4)
+    stats.counts_ = {1: 2, 2: 0, REST: 6}
+    # omega for class 1 only (class 2 takes 1.0); class 2 has no sample: its balanced weight is 0, not a division
+    assert stats.bucket_weights({1: 3.0}, rest_weight=0.5, weighting="balanced") == {1: 1.5, 2: 0.0, REST: 0.5 / 6}
+    assert stats.bucket_weights({1: 3.0}, rest_weight=0.5, weighting="count") == {1: 3 / 8, 2: 1 / 8, REST: 0.5 / 8}
+    assert stats.bucket_weights({1: 3.0}, rest_weight=0.5, weighting="sum") == {1: 3.0, 2: 1.0, REST: 0.5}
+    assert stats.bucket_weights(0.5) == {1: 0.25, 2: 0.0, REST: 1 / 6}  # an omega below 1 is allowed
+    assert stats.bucket_weights({2: 0.0}, weighting="sum") == {1: 1.0, 2: 0.0, REST: 1.0}
+    stats.counts_ = {1: 0, 2: 0, REST: 0}
+    assert stats.bucket_weights(2.0, weighting="count") == {1: 0.0, 2: 0.0, REST: 0.0}
+
+
+@pytest.mark.parametrize("kwargs,named", [
+    ({"rest_weight": -1.0}, "'rest_weight'"), ({"omega": -1.0}, "'omega'"), ({"omega": {1: -1.0}}, "'omega'"),
+    ({"omega": {3: 1.0}}, r"classes \[3\] that are not important"), ({"weighting": "bogus"}, "'weighting'"),
+])
+def test_bucket_weights_refuse_bad_values_by_name(kwargs, named):
+    from classaware_plugin.core import ChannelFisher
+
+    stats = ChannelFisher(important_classes=[1, 2], num_classes=4)
+    stats.counts_ = {1: 2, 2: 1, REST: 6}
+    with pytest.raises(ClassAwareError, match=named):
+        stats.bucket_weights(**kwargs)
