@@ -246,3 +246,62 @@ def test_statistics_naming_a_module_the_model_lacks_are_refused():
     state["sums"][first] = {"ghost": {}, **state["sums"][first]}
     with pytest.raises(ClassAwareError, match="'ghost'"):
         WeightStatistics([1], 3).load_state_dict(state, model)
+
+
+def test_scores_messages_name_what_to_do():
+    from classaware_plugin.core import RewindSnapshot, StaleStatisticsError
+    from classaware_plugin.core.scores import score_class
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    with pytest.raises(ClassAwareError, match=r"^The 'magnitude_increase' score needs a rewind point: call "
+                                              r"set_rewind_point\(model\)\.$"):
+        make_score("magnitude_increase").check_fresh()
+    inc = make_score("magnitude_increase")
+    inc.set_rewind_point(model)
+    name, first = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
+    shape = tuple(first.weight.shape)
+    first.weight = nn.Parameter(torch.randn(shape[0] - 1, *shape[1:]))
+    with pytest.raises(StaleStatisticsError, match=rf"^The rewind point of {name}\.weight has shape \({shape[0]}, "
+                                                   rf".* but the model now has \({shape[0] - 1}, .*; set a new rewind"):
+        inc.element_scores(model)
+    fisher = make_score("fisher", important_classes=[1], num_classes=3)
+    fisher.collect(TinyNet(), toy_loader(), granularity="channel")
+    with pytest.raises(StaleStatisticsError, match=r"^No weight-level statistics: call collect\(model, loader, "
+                                                   r"granularity='element'\)\.$"):
+        fisher.element_scores(model)
+    with pytest.raises(ClassAwareError, match=r"^The 'score' parameter must be one of .* Got 'l2' instead\.$"):
+        score_class("l2")
+    with pytest.raises(ClassAwareError, match=r"^The 'granularity' parameter must be one of"):
+        fisher.collect(model, toy_loader(), granularity="row")
+    assert isinstance(RewindSnapshot, type)
+
+
+@pytest.mark.parametrize("name", ["fisher", "taylor_signed"])
+def test_collect_honours_max_batches(name):
+    torch.manual_seed(0)
+    model = TinyNet()
+    loader = toy_loader(n=48, batch_size=16)
+    first_only = [next(iter(loader))]
+    a = make_score(name, important_classes=[1], num_classes=3)
+    a.collect(model, loader, max_batches=1)
+    b = make_score(name, important_classes=[1], num_classes=3)
+    b.collect(model, first_only)
+    c = make_score(name, important_classes=[1], num_classes=3)
+    c.collect(model, loader)
+    sa, sb, sc = (s.element_scores(model)[model.dw]["weight"] for s in (a, b, c))
+    assert torch.allclose(sa, sb) and not torch.allclose(sa, sc)
+
+
+def test_the_signed_score_defaults_are_omega_4_and_rest_1():
+    torch.manual_seed(0)
+    model, loader = TinyNet(), toy_loader()
+    default = make_score("taylor_signed", important_classes=[1], num_classes=3)
+    explicit = make_score("taylor_signed", important_classes=[1], num_classes=3, omega=4.0, rest_weight=1.0,
+                          normalization="none")
+    other = make_score("taylor_signed", important_classes=[1], num_classes=3, omega=4.0, rest_weight=1.0,
+                       normalization="mean")
+    for s in (default, explicit, other):
+        s.collect(model, loader)
+    d, e, o = (s.element_scores(model)[model.dw]["weight"] for s in (default, explicit, other))
+    assert torch.equal(d, e) and not torch.allclose(d, o)
