@@ -229,3 +229,22 @@ def test_bucket_weights_refuse_bad_values_by_name(kwargs, named):
     stats.counts_ = {1: 2, 2: 1, REST: 6}
     with pytest.raises(ClassAwareError, match=named):
         stats.bucket_weights(**kwargs)
+
+
+@pytest.mark.parametrize("kind", ["channel", "weight"])
+def test_stale_statistics_messages_say_what_to_do(kind):
+    from classaware_plugin.core import ChannelFisher, WeightStatistics
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    stats = ChannelFisher([1], num_classes=3) if kind == "channel" else WeightStatistics([1], num_classes=3)
+    with pytest.raises(StaleStatisticsError, match=r"^No statistics collected yet: call collect\(model, loader\) first\.$"):
+        stats.check_fresh()
+    stats.collect(model, toy_loader())
+    stats.check_fresh()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)  # a training step's worth of change
+    with pytest.raises(StaleStatisticsError, match=r"^The model changed \(pruned or trained\) since the statistics were "
+                                                   r"collected; call collect\(model, loader\) again before scoring\.$"):
+        stats.check_fresh()
