@@ -305,3 +305,18 @@ def test_the_signed_score_defaults_are_omega_4_and_rest_1():
         s.collect(model, loader)
     d, e, o = (s.element_scores(model)[model.dw]["weight"] for s in (default, explicit, other))
     assert torch.equal(d, e) and not torch.allclose(d, o)
+
+
+def test_score_options_are_checked_from_declared_constraints_without_building_a_score(monkeypatch):
+    from classaware_plugin.core.scores import ClassConditionalFisher, validate_score
+
+    def boom(self, *a, **k):
+        raise AssertionError("validate_score built a score")
+
+    monkeypatch.setattr(ClassConditionalFisher, "__init__", boom)
+    assert validate_score("fisher", [1], omega={1: 2.0}, weighting="count") == {"omega": {1: 2.0}, "weighting": "count"}
+    with pytest.raises(ClassAwareError, match="'rest_weight' parameter must be a number in the range"):
+        validate_score("fisher", [1], rest_weight=-1.0)
+    with pytest.raises(ClassAwareError, match=r"names classes \[2\] that are not important classes \[1\]"):
+        validate_score("fisher", [1], omega={2: 1.0})
+    assert ClassConditionalFisher.options == tuple(ClassConditionalFisher.PARAMETERS)

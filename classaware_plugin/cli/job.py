@@ -61,8 +61,7 @@ def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
         isinstance(c, str) for c in given) else None
     try:
         important = [probe.class_index(c) if isinstance(c, str) and probe is not None else int(c) for c in given]
-        bundle = load_dataset(name, important=important, **kw)
-        important = [bundle.class_index(c) for c in important]  # the range, now that the classes are known
+        bundle = load_dataset(name, important=important, **kw)  # checks the indices against the classes it finds
     except ClassAwareError as e:
         raise ClassAwareError(f"The configuration key 'important_classes' holds {given!r}: {e}") from None
     return bundle, important

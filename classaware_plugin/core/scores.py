@@ -15,11 +15,13 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .validation import ClassAwareError, check_choice
+from .validation import ClassAwareError, Constraint, InstanceOf, Interval, Options, PerClass, check_choice, check_class_keys, check_params
 from .channels import ChannelFisher, ChannelScores
 from .lottery import RewindSnapshot
 from .statistics import (
+    LOSSES,
     NORMALIZATIONS,
+    WEIGHTINGS,
     BucketStatistics,
     ClassSaliency,
     ScoreMap,
@@ -88,13 +90,15 @@ def make_score(name: str, important_classes: Sequence[int] = (), num_classes: in
     return cls(**opts)
 
 
-def validate_score(name: str, important_classes: Sequence[int] = (0,), num_classes: int | None = None,
+def validate_score(name: str, important_classes: Sequence[int] = (), num_classes: int | None = None,
                    **options: Any) -> dict[str, Any]:
-    """Check a score name and its options before any work (values included, e.g. a negative omega), also when the
-    number of classes is not known yet; returns the options that were given (``None`` dropped)."""
+    """Check a score name and its options before any work (values included, e.g. a negative omega) against the
+    score's declared :attr:`Score.PARAMETERS`, also when the number of classes is not known yet; a per-class omega
+    must name important classes (when they are given). Returns the options that were given (``None`` dropped)."""
     opts = score_options(name, **options)
-    important = list(important_classes) or [0]
-    make_score(name, important_classes=important, num_classes=num_classes or max(important) + 2, **opts)
+    check_params(score_class(name).PARAMETERS, opts)
+    if important_classes:
+        check_class_keys("omega", opts.get("omega"), important_classes)
     return opts
 
 
@@ -103,14 +107,21 @@ class Score(abc.ABC):
     :meth:`channel_scores`) and declare what they need as class attributes, so that no adapter checks names."""
 
     name: ClassVar[str] = ""
+    PARAMETERS: ClassVar[dict[str, Constraint]] = {}
+    """The constructor's keyword options besides ``important_classes`` and ``num_classes``, with what each may be:
+    checked by :func:`validate_score` before any work, and by the constructor."""
     options: ClassVar[tuple[str, ...]] = ()
-    """Keyword options of the constructor besides ``important_classes`` and ``num_classes``."""
+    """The names of :attr:`PARAMETERS` (set for every subclass)."""
     needs_data: ClassVar[bool] = False
     """:meth:`collect` must run on calibration batches before scoring."""
     needs_rewind: ClassVar[bool] = False
     """:meth:`set_rewind_point` must be called with the weights to compare against."""
     signed: ClassVar[bool] = False
     """Scores can be negative (mean-normalisation is then meaningless)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.options = tuple(cls.PARAMETERS)
 
     def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None, progress: bool = False,
                 granularity: str = "element") -> None:
@@ -153,7 +164,8 @@ class ClassConditionalFisher(Score):
         loss: ``'ce'`` (default) or ``'margin'`` for the important classes' samples (see ``per_sample_loss``).
     """
 
-    options = ("omega", "rest_weight", "weighting", "loss")
+    PARAMETERS = {"omega": PerClass(Interval(0.0)), "rest_weight": Interval(0.0), "weighting": Options(WEIGHTINGS),
+                  "loss": Options(LOSSES)}
     needs_data = True
 
     def __init__(
@@ -210,7 +222,8 @@ class ClassDependentTaylor(Score):
             ``'mean'`` divides each bucket by its sample count.
     """
 
-    options = ("omega", "rest_weight", "normalization")
+    PARAMETERS = {"omega": PerClass(Interval(0.0)), "rest_weight": Interval(0.0),
+                  "normalization": Options(NORMALIZATIONS)}
     needs_data = True
 
     def __init__(
@@ -246,7 +259,7 @@ class MagnitudeIncrease(Score):
     Call :meth:`set_rewind_point` (or pass ``snapshot``) with the weights to compare against.
     """
 
-    options = ("snapshot",)
+    PARAMETERS = {"snapshot": InstanceOf((RewindSnapshot,), nullable=True)}
     needs_rewind = True
     signed = True
 

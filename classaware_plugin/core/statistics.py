@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .validation import (
-    ClassAwareError, check_batch, check_choice, check_important_classes, check_non_empty_loader, check_number, run_model,
+    ClassAwareError, check_batch, check_choice, check_class_keys, check_important_classes, check_non_empty_loader, check_number, run_model,
 )
 from .progress import progress_bar
 
@@ -223,11 +223,7 @@ class BucketStatistics:
         check_choice("weighting", weighting, WEIGHTINGS)
         check_number("rest_weight", rest_weight, low=0.0)
         if isinstance(omega, Mapping):
-            unknown = sorted(set(omega) - set(self.important_classes))
-            if unknown:
-                raise ClassAwareError(
-                    f"The 'omega' parameter names classes {unknown} that are not important classes {self.important_classes}."
-                )
+            check_class_keys("omega", omega, self.important_classes)
             omegas = {c: float(check_number("omega", omega.get(c, 1.0), low=0.0)) for c in self.important_classes}
         else:
             check_number("omega", omega, low=0.0)

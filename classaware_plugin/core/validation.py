@@ -114,7 +114,48 @@ class Options:
         return check_choice(name, value, self.choices, what=what)
 
 
-Constraint = Interval | Options
+@dataclass(frozen=True)
+class PerClass:
+    """One value for every important class, or a mapping ``class -> value``; each value satisfies ``each`` (which
+    classes a mapping may name is checked where the important classes are known)."""
+
+    each: Interval
+    nullable: bool = False
+
+    def check(self, name: str, value: Any, what: str = "parameter") -> Any:
+        if value is None and self.nullable:
+            return None
+        if isinstance(value, Mapping):
+            for v in value.values():
+                self.each.check(name, v, what)
+            return value
+        return self.each.check(name, value, what)
+
+
+def check_class_keys(name: str, value: Any, important_classes: Sequence[int]) -> None:
+    """A per-class mapping (:class:`PerClass`) may name important classes only."""
+    if isinstance(value, Mapping):
+        unknown = sorted(set(value) - set(important_classes))
+        if unknown:
+            raise ClassAwareError(f"The '{name}' parameter names classes {unknown} that are not important classes "
+                                  f"{list(important_classes)}.")
+
+
+@dataclass(frozen=True)
+class InstanceOf:
+    """An object of one of ``types``."""
+
+    types: tuple[type, ...]
+    nullable: bool = False
+
+    def check(self, name: str, value: Any, what: str = "parameter") -> Any:
+        if (value is None and self.nullable) or isinstance(value, self.types):
+            return value
+        allowed = " or ".join(t.__name__ for t in self.types)
+        raise ClassAwareError(f"The '{name}' {what} must be a {allowed}. Got {type(value).__name__} instead.")
+
+
+Constraint = Interval | Options | PerClass | InstanceOf
 """What a public class declares per parameter in its ``PARAMETERS`` mapping (scikit-learn's
 ``_parameter_constraints`` in spirit): checked by :func:`check_params`, and by the CLI for the configuration keys
 that feed that parameter, so the rule and its message exist once."""
