@@ -36,8 +36,9 @@ STOP_REASONS: dict[StopReason, str] = {
 """Why the loop stopped, in words (the report prints them)."""
 assert tuple(STOP_REASONS) == get_args(StopReason)
 
-OperatingPoint = Literal["argmax", "calibrated"]
-OPERATING_POINTS: tuple[OperatingPoint, ...] = get_args(OperatingPoint)
+JudgedAt = Literal["argmax", "calibrated"]
+"""Where :class:`FNConstraint` judges a step (``core.metrics.OperatingPoint`` is a threshold's FN/FPR, another thing)."""
+OPERATING_POINTS: tuple[JudgedAt, ...] = get_args(JudgedAt)
 
 NOTHING_LEFT = "the backend has nothing left to prune"
 TOO_SMALL = "the halved step removes no channel (channels go in whole blocks): no smaller step exists"
@@ -75,7 +76,7 @@ class FNConstraint:
     abs_tol: int = 0
     rel_tol: float = 0.0
     max_accuracy_drop: float | None = 0.02
-    operating_point: OperatingPoint = "argmax"
+    operating_point: JudgedAt = "argmax"
 
     PARAMETERS: ClassVar[dict[str, Constraint]] = {
         "abs_tol": Interval(0, integer=True), "rel_tol": Interval(0.0),

@@ -15,13 +15,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .validation import ClassAwareError, Constraint, InstanceOf, Interval, Options, PerClass, check_choice, check_class_keys, check_params
+from .validation import ClassAwareError, Constraint, InstanceOf, check_choice, check_class_keys, check_params
 from .channels import ChannelFisher, ChannelScores
 from .lottery import RewindSnapshot
+from .statistics import PARAMETERS as STATISTICS_PARAMETERS
 from .statistics import (
-    LOSSES,
-    NORMALIZATIONS,
-    WEIGHTINGS,
     BucketStatistics,
     ClassSaliency,
     ScoreMap,
@@ -164,8 +162,7 @@ class ClassConditionalFisher(Score):
         loss: ``'ce'`` (default) or ``'margin'`` for the important classes' samples (see ``per_sample_loss``).
     """
 
-    PARAMETERS = {"omega": PerClass(Interval(0.0)), "rest_weight": Interval(0.0), "weighting": Options(WEIGHTINGS),
-                  "loss": Options(LOSSES)}
+    PARAMETERS = {k: STATISTICS_PARAMETERS[k] for k in ("omega", "rest_weight", "weighting", "loss")}
     needs_data = True
 
     def __init__(
@@ -222,8 +219,7 @@ class ClassDependentTaylor(Score):
             ``'mean'`` divides each bucket by its sample count.
     """
 
-    PARAMETERS = {"omega": PerClass(Interval(0.0)), "rest_weight": Interval(0.0),
-                  "normalization": Options(NORMALIZATIONS)}
+    PARAMETERS = {k: STATISTICS_PARAMETERS[k] for k in ("omega", "rest_weight", "normalization")}
     needs_data = True
 
     def __init__(
@@ -234,7 +230,7 @@ class ClassDependentTaylor(Score):
         rest_weight: float = 1.0,
         normalization: str = "none",
     ) -> None:
-        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_params(self.PARAMETERS, {"normalization": normalization})
         self.stats = ClassSaliency(important_classes, num_classes)
         self.omega = omega
         self.rest_weight = rest_weight

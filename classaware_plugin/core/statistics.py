@@ -29,7 +29,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .validation import (
-    ClassAwareError, check_batch, check_choice, check_class_keys, check_important_classes, check_non_empty_loader, check_number, run_model,
+    ClassAwareError, Constraint, Interval, Options, PerClass, check_batch, check_class_keys, check_important_classes,
+    check_non_empty_loader, check_number, check_params, run_model,
 )
 from .progress import progress_bar
 
@@ -39,6 +40,12 @@ REST = -1
 WEIGHTINGS = ("balanced", "count", "sum")
 LOSSES = ("ce", "margin")
 NORMALIZATIONS = ("none", "mean")
+PARAMETERS: dict[str, Constraint] = {
+    "omega": PerClass(Interval(0.0)), "rest_weight": Interval(0.0), "weighting": Options(WEIGHTINGS),
+    "loss": Options(LOSSES), "normalization": Options(NORMALIZATIONS),
+}
+"""What the statistics' settings may be (bucket weights, per-sample loss, normalisation); the scores declare their
+options from these entries."""
 """The signed score's names for the weightings ``'sum'`` and ``'balanced'``."""
 
 ScoreMap = dict[nn.Module, dict[str, torch.Tensor]]
@@ -118,7 +125,8 @@ class BucketStatistics:
                 f"({self.important_classes}); leave at least one out, or nothing is protected relative to the rest."
             )
         self.num_classes = int(num_classes)
-        self.loss = check_choice("loss", loss, LOSSES)
+        check_params(PARAMETERS, {"loss": loss})
+        self.loss = loss
         self.reset()
 
     # ----------------------------------------------------------------- lifecycle
@@ -220,13 +228,12 @@ class BucketStatistics:
     def bucket_weights(self, omega: float | Mapping[int, float] = 1.0, rest_weight: float = 1.0,
                        weighting: str = "balanced") -> dict[int, float]:
         """The factor applied to each bucket's sum (see the module docstring)."""
-        check_choice("weighting", weighting, WEIGHTINGS)
-        check_number("rest_weight", rest_weight, low=0.0)
+        check_params(PARAMETERS, {"weighting": weighting, "rest_weight": rest_weight})
+        check_class_keys("omega", omega, self.important_classes)
+        check_params(PARAMETERS, {"omega": omega})
         if isinstance(omega, Mapping):
-            check_class_keys("omega", omega, self.important_classes)
-            omegas = {c: float(check_number("omega", omega.get(c, 1.0), low=0.0)) for c in self.important_classes}
+            omegas = {c: float(omega.get(c, 1.0)) for c in self.important_classes}
         else:
-            check_number("omega", omega, low=0.0)
             omegas = {c: float(omega) for c in self.important_classes}
         omegas[REST] = float(rest_weight)
         if weighting == "sum":
@@ -336,7 +343,7 @@ class ClassSaliency(WeightStatistics):
     def contributions(self, omega: float | Mapping[int, float] = 1.0, rest_weight: float = 1.0,
                       normalization: str = "none") -> ScoreMap:
         """Signed combined contributions ``sum_b omega_b * P_b / nu_b`` per module and tensor name."""
-        check_choice("normalization", normalization, NORMALIZATIONS)
+        check_params(PARAMETERS, {"normalization": normalization})
         return self.combined(omega, rest_weight, "sum" if normalization == "none" else "balanced")
 
     def scores(self, omega: float | Mapping[int, float] = 1.0, rest_weight: float = 1.0,
