@@ -74,14 +74,16 @@ class Context:
         return finetune
 
 
-def _constraint(ctx: Context, fn_rule: bool) -> FNConstraint:
+def _constraint(ctx: Context, fn_rule: bool, operating_point: str = "argmax") -> FNConstraint:
     if fn_rule:
-        return FNConstraint(ctx.important, **FN_RULE)
+        return FNConstraint(ctx.important, **FN_RULE, operating_point=operating_point)
     return FNConstraint(ctx.important, abs_tol=10**9, max_accuracy_drop=None)  # never binds: plain schedule
 
 
-def _run(ctx: Context, backend: Any, level: float, key: str, step: float, fn_rule: bool, max_steps: int = 40):
-    loop = FNConstrainedPruning(backend, _constraint(ctx, fn_rule), target=level, target_key=key, step=step,
+def _run(ctx: Context, backend: Any, level: float, key: str, step: float, fn_rule: bool, max_steps: int = 40,
+         operating_point: str = "argmax"):
+    loop = FNConstrainedPruning(backend, _constraint(ctx, fn_rule, operating_point), target=level, target_key=key,
+                                step=step,
                                 max_halvings=3 if fn_rule else 0, max_steps=max_steps)
     res = loop.run()
     return res
@@ -118,10 +120,10 @@ def calibrated(base: str, table: dict[str, Callable[..., Any]]):
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
 def structured(score: str, fn_rule: bool, importance: str = "ours", class_dependent: bool = True,
-               calibration: bool = False, **imp_kwargs: Any):
+               calibration: bool = False, operating_point: str = "argmax", **imp_kwargs: Any):
     """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
-    TP estimator or ours; ``class_dependent`` picks the fine-tuning loss, ``fn_rule`` the FN-constrained stop,
-    ``calibration`` decision calibration at the end."""
+    TP estimator or ours; ``class_dependent`` picks the fine-tuning loss, ``fn_rule`` the FN-constrained stop (judged
+    at ``operating_point``), ``calibration`` decision calibration at the end."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
@@ -139,7 +141,7 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                       calib_loader=ctx.loaders["calib"],
                       finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent),
                       round_to=None)  # the committed protocol results compare scores at unrounded channel counts
-        res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule)
+        res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule, operating_point=operating_point)
         model, info = _finish(ctx, model, res)
         if calibration:
             info.update(calibrate_to_dense(ctx, model))
@@ -344,6 +346,11 @@ PROTOCOL = {
     "so_tp_taylor": structured("", False, importance="tp_taylor", class_dependent=False),
     "so_tp_magnitude": structured("", False, importance="tp_magnitude", class_dependent=False),
     "pl_ours": structured("fisher", True, class_dependent=True, calibration=True),
+    # the pipeline as classaware-prune runs it since issue 12 (FN judged at the calibrated operating point), and the
+    # same with cross-entropy fine-tuning (does the class-dependent fine-tuning loss help FN at the dense FPR?)
+    "pl_ours_calibrated": structured("fisher", True, class_dependent=True, calibration=True,
+                                     operating_point="calibrated"),
+    "pl_ours_ce": structured("fisher", True, class_dependent=False, calibration=True, operating_point="calibrated"),
     "fb_fisher": structured("fisher", True, class_dependent=False),
     "fb_tp_taylor": structured("", True, importance="tp_taylor", class_dependent=False),
     "fb_tp_magnitude": structured("", True, importance="tp_magnitude", class_dependent=False),
@@ -353,7 +360,8 @@ NNI_METHODS.update({
     "pl_nni_l1": nni_one_shot("L1NormPruner", class_dependent=False),
     "pl_nni_taylor": nni_one_shot("TaylorPruner", class_dependent=False),
 })
-CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_taylor_signed", "pl_ours", "fb_fisher"})
+CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_taylor_signed", "pl_ours", "pl_ours_calibrated", "pl_ours_ce",
+                    "fb_fisher"})
 # The same score-only comparison for unstructured pruning (cross-entropy fine-tuning for every score).
 UNSTRUCTURED.update({
     "so_fisher": unstructured("fisher", class_dependent=False),

@@ -94,7 +94,7 @@ COMPARISONS = {
 }
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
-                    "fb_tp_magnitude")
+                    "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce")
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
