@@ -19,6 +19,7 @@ from .controller import (
     StepRecord,
     StopReason,
 )
+from .distributed import RanksDivergedError, resolve_device, shard_loader
 from .lottery import MaskSet, RewindSnapshot
 from .loss import ClassDependentLoss, make_class_weights
 from .metrics import Evaluation, OperatingPoint, evaluate, evaluate_predictions, fn_at_fpr, fpr_of, predict
@@ -31,7 +32,7 @@ from .training import EarlyStopping, train, validation_loss
 __all__ = [
     "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "EarlyStopping", "Evaluation",
     "DECISIONS", "Decision", "FNConstrainedPruning", "FNConstraint", "MaskSet", "ModelBackend", "STOP_REASONS", "StopReason", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
-    "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
+    "RanksDivergedError", "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
     "OperatingPoint", "evaluate", "evaluate_predictions", "fn_at_fpr", "fpr_of", "find_logit_shifts", "make_class_weights", "make_score", "predict",
-    "reduce_to_channels", "register_score", "score_options", "set_quiet", "train", "validation_loss", "WeightStatistics",
+    "reduce_to_channels", "register_score", "resolve_device", "shard_loader", "score_options", "set_quiet", "train", "validation_loss", "WeightStatistics",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import model_signature
 from .metrics import Evaluation, evaluate, predict
 from .modelstate import restore_module, snapshot_module
 
@@ -61,6 +62,12 @@ class PruningBackend(abc.ABC):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Counterpart of :meth:`state_dict`."""
+
+    def signature(self) -> str:
+        """A fingerprint of the pruned structure that the ranks of a distributed run compare after every step
+        (default: :func:`~.distributed.model_signature` of ``self.model`` when the backend has one)."""
+        model = getattr(self, "model", None)
+        return model_signature(model) if isinstance(model, nn.Module) else ""
 
 
 class ModelBackend(PruningBackend):

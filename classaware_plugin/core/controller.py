@@ -14,6 +14,7 @@ from typing import Any, ClassVar, Literal, get_args
 
 from .validation import ClassAwareError, Constraint, Interval, Options, check_important_classes, check_params
 from .backend import PruningBackend
+from .distributed import check_consistent
 from .calibration import find_logit_shifts
 from .metrics import Evaluation, evaluate_predictions
 
@@ -344,6 +345,7 @@ class FNConstrainedPruning:
         try:
             # Step 2: prune, fine-tune, evaluate on validation.
             self.backend.prune(fraction)
+            check_consistent(self.backend.signature(), f"the model pruned in attempt {len(self.history) + 1}")
             self.backend.finetune()
             ev, violations, shifts = self._judge()
             measure = self.backend.measure()

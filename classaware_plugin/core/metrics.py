@@ -12,6 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
 from torch import nn
 
+from . import distributed
 from .validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
 
 
@@ -177,7 +178,8 @@ def fn_at_fpr(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nda
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """Labels and logits over a loader, in eval mode (the model's mode is restored after)."""
+    """Labels and logits over a loader, in eval mode (the model's mode is restored after). Under torch.distributed,
+    those of every rank's loader (each rank passing its share, :func:`~.distributed.shard_loader`)."""
     check_non_empty_loader("loader", loader)
     was_training = model.training
     model.eval()
@@ -193,7 +195,8 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
         model.train(was_training)
     if not ys:
         raise ClassAwareError("The 'loader' parameter must yield at least one batch. Got an empty loader.")
-    return torch.cat(ys).numpy(), torch.cat(outs).numpy()
+    # Under torch.distributed each rank predicted its share: every rank gets all of them (rank order).
+    return (distributed.all_gather_cat(torch.cat(ys)).numpy(), distributed.all_gather_cat(torch.cat(outs)).numpy())
 
 
 def evaluate(

@@ -32,6 +32,7 @@ from .validation import (
     ClassAwareError, Constraint, Interval, Options, PerClass, check_batch, check_class_keys, check_important_classes,
     check_non_empty_loader, check_number, check_params, run_model,
 )
+from . import distributed
 from .progress import progress_bar
 
 REST = -1
@@ -167,9 +168,43 @@ class BucketStatistics:
                 self.update(model, batch[0], batch[1])
         finally:
             model.train(was_training)
+        if distributed.is_distributed():
+            self._all_reduce(model)
         if not self.is_collected:
             raise ClassAwareError("The 'loader' parameter must yield at least one batch. Got an empty loader.")
         return self
+
+    def _all_reduce(self, model: nn.Module) -> None:
+        """Sum the sums, counts and batch counts of every process (torch.distributed): each rank then holds the
+        statistics of the union of the ranks' samples. A rank that saw no sample of a bucket takes part with
+        zeros; every rank needs at least one batch."""
+        by_name = dict(self.modules_)
+        names = {id(m): n for n, m in self.modules_}
+        mine = sorted((b, names[id(m)], t, tuple(v.shape), str(v.dtype)) for b, store in self.sums_.items()
+                      for m, ts in store.items() for t, v in ts.items())
+        gathered = distributed.all_gather_objects(([n for n, _ in self.modules_], mine, self.batches_))
+        idle = [r for r, (_, _, batches) in enumerate(gathered) if not batches]
+        if idle:
+            raise ClassAwareError(
+                f"Rank(s) {idle} of the {len(gathered)} processes got no calibration batch: the calibration set has "
+                "fewer batches than there are processes. Give it more batches or run fewer processes.")
+        modules = gathered[0][0]
+        if [n for n, _ in self.modules_] != modules:
+            raise distributed.RanksDivergedError("The processes' statistics track different modules; every rank must "
+                                                 "score the same model.")
+        layout = sorted(set().union(*(set(lay) for _, lay, _ in gathered)))
+        device = next((t.device for store in self.sums_.values() for ts in store.values() for t in ts.values()),
+                      distributed.model_device(model))
+        local = [self.sums_[b].get(by_name[m], {}).get(t, torch.zeros(shape, device=device,
+                                                                       dtype=getattr(torch, dtype.split(".")[-1])))
+                 for b, m, t, shape, dtype in layout]
+        counts = torch.tensor([self.counts_[b] for b in self.buckets] + [self.batches_], dtype=torch.float64)
+        *summed, totals = distributed.all_reduce_sum([*local, counts])
+        for (b, m, t, _, _), v in zip(layout, summed):
+            self.sums_[b].setdefault(by_name[m], {})[t] = v
+        self.counts_ = {b: int(round(float(c))) for b, c in zip(self.buckets, totals[:-1])}
+        self.batches_ = int(round(float(totals[-1])))
+        self.fingerprint_ = fingerprint(m for _, m in self.modules_)
 
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate one batch."""

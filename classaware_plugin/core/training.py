@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .validation import (
     ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
 )
@@ -59,6 +60,7 @@ class EarlyStopping:
 
     def update(self, model: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> bool:
         """Evaluate ``model`` once more; keep its weights when they are the best so far. True: stop now."""
+        distributed.broadcast_buffers(model)  # under DDP: rank 0's BatchNorm statistics, as its next step would use
         value = validation_loss(model, self.loader, loss_fn)
         self.losses.append(value)
         if value < self.best - self.min_delta:
@@ -82,7 +84,8 @@ class EarlyStopping:
 @torch.no_grad()
 def validation_loss(model: nn.Module, loader: Iterable[Any],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
-    """The mean of ``loss_fn`` over ``loader``'s batches, weighted by batch size, in eval mode (the mode is restored)."""
+    """The mean of ``loss_fn`` over ``loader``'s batches, weighted by batch size, in eval mode (the mode is restored);
+    under torch.distributed, over every rank's loader."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -94,6 +97,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
             n += len(y)
     finally:
         model.train(was_training)
+    total, n = (float(v) for v in distributed.all_reduce_sum([torch.tensor([total, float(n)])])[0])
     return total / max(n, 1)
 
 
@@ -120,6 +124,7 @@ def train(
     checkpoint: Callable[[dict[str, Any]], None] | None = None,
     resume: dict[str, Any] | None = None,
     early_stopping: EarlyStopping | None = None,
+    sync_batchnorm: bool = False,
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
 
@@ -132,6 +137,11 @@ def train(
     ``early_stopping``: evaluated at every epoch boundary and at the end; the call ends early once it says so and
     leaves the model with the weights of its best epoch. The schedule is not shortened (a cosine schedule is laid
     out over ``epochs``).
+
+    Under torch.distributed (``loader`` being this rank's share, :func:`~.distributed.shard_loader`) the model
+    trains through DistributedDataParallel (gradients averaged over ranks; ``sync_batchnorm``: BatchNorm statistics
+    over the global batch, GPUs only), early stopping judges the loss over every rank's validation share, and the
+    ranks end with identical weights and buffers.
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
@@ -160,51 +170,54 @@ def train(
     start = done
     model.train()
     try:
-        bar = progress_bar(range(done, total), desc=desc, total=total, initial=done, disable=not progress)
-        it = iter(())
-        running, seen = 0.0, 0
-        stopped = False
-        for _ in bar:
-            if done != start and done % n_batches == 0:  # an epoch ended, none begun
-                # Finish the epoch's iterator first: a sampler may draw from its generator only when it runs out
-                # (RandomSampler does, when the data set is a multiple of the batch size), and the checkpoint must
-                # hold the generator as the next epoch will find it.
-                for _ in it:
-                    pass
-                if early_stopping is not None and early_stopping.update(model, loss_fn):
-                    stopped = True
-                    break
-                if checkpoint is not None:
-                    checkpoint({"step": done, "total": total, "model": model.state_dict(), "optimizer": opt.state_dict(),
-                                "scheduler": sched.state_dict() if sched is not None else None,
-                                "losses": [*losses, running / seen] if seen else list(losses),
-                                "torch_rng": torch.get_rng_state(),
-                                "generator": generator.get_state() if generator is not None else None,
-                                "early_stopping": early_stopping.state_dict() if early_stopping is not None else None})
-            try:
-                x, y = next(it)
-            except StopIteration:
-                if seen:
-                    losses.append(running / seen)
-                running, seen = 0.0, 0
-                it = iter(loader)
-                x, y = next(it)
-            check_batch(done + 1, x, y, what="training step")
-            x, y = x.to(device), y.to(device)
-            opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise NonFiniteLossError(f"The training loss became {value} at step {done + 1} of {total}.")
-            loss.backward()
-            opt.step()
-            if sched is not None:
-                sched.step()
-            running += value
-            seen += 1
-            done += 1
-        if seen:
-            losses.append(running / seen)
+        # DistributedDataParallel under torch.distributed (the model itself otherwise); on a normal exit every rank
+        # takes rank 0's buffers.
+        with distributed.data_parallel(model, sync_batchnorm) as net:
+            bar = progress_bar(range(done, total), desc=desc, total=total, initial=done, disable=not progress)
+            it = iter(())
+            running, seen = 0.0, 0
+            stopped = False
+            for _ in bar:
+                if done != start and done % n_batches == 0:  # an epoch ended, none begun
+                    # Finish the epoch's iterator first: a sampler may draw from its generator only when it runs out
+                    # (RandomSampler does, when the data set is a multiple of the batch size), and the checkpoint must
+                    # hold the generator as the next epoch will find it.
+                    for _ in it:
+                        pass
+                    if early_stopping is not None and early_stopping.update(model, loss_fn):
+                        stopped = True
+                        break
+                    if checkpoint is not None:
+                        checkpoint({"step": done, "total": total, "model": model.state_dict(), "optimizer": opt.state_dict(),
+                                    "scheduler": sched.state_dict() if sched is not None else None,
+                                    "losses": [*losses, running / seen] if seen else list(losses),
+                                    "torch_rng": torch.get_rng_state(),
+                                    "generator": generator.get_state() if generator is not None else None,
+                                    "early_stopping": early_stopping.state_dict() if early_stopping is not None else None})
+                try:
+                    x, y = next(it)
+                except StopIteration:
+                    if seen:
+                        losses.append(running / seen)
+                    running, seen = 0.0, 0
+                    it = iter(loader)
+                    x, y = next(it)
+                check_batch(done + 1, x, y, what="training step")
+                x, y = x.to(device), y.to(device)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(net(x), y)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise NonFiniteLossError(f"The training loss became {value} at step {done + 1} of {total}.")
+                loss.backward()
+                opt.step()
+                if sched is not None:
+                    sched.step()
+                running += value
+                seen += 1
+                done += 1
+            if seen:
+                losses.append(running / seen)
         if early_stopping is not None and total:
             if not stopped and done > start:  # the last (possibly partial) epoch is judged too
                 early_stopping.update(model, loss_fn)
