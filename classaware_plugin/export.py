@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import copy
 import glob
 import logging
 import os
@@ -22,7 +23,7 @@ from torch import nn
 
 from .files import load_model
 
-__all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "atomic_write_text", "export_onnx", "export_torchscript",
+__all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "atomic_write_text", "cpu_copy", "export_onnx", "export_torchscript",
            "leftover_temp_files", "load_model", "save_model"]
 
 log = logging.getLogger(__name__)
@@ -75,7 +76,15 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
-    atomic_save(model, path)
+    """The whole module, written atomically from the CPU (loads on a machine without the GPU it was trained on)."""
+    atomic_save(cpu_copy(model), path)
+
+
+def cpu_copy(model: nn.Module) -> nn.Module:
+    """``model`` itself when it is on the CPU, else a copy moved there (the original stays where it is)."""
+    from .core.distributed import model_device
+
+    return model if model_device(model).type == "cpu" else copy.deepcopy(model).cpu()
 
 
 EXPORTERS = ("auto", "dynamo", "legacy")
@@ -95,7 +104,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     from .core.validation import check_choice
 
     check_choice("exporter", exporter, EXPORTERS)
-    model.eval()
+    model = cpu_copy(model).eval()  # exported from the CPU, where onnxruntime checks it
+    example_inputs = example_inputs.cpu()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     names = {"input_names": ["input"], "output_names": ["logits"]}
@@ -105,7 +115,7 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (example_inputs,), str(path), dynamo=True, verbose=False,
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},), **names)
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, **names)
             used = "dynamo"
         except Exception as e:  # noqa: BLE001 - torch.export's failures are many and version-dependent
             if exporter == "dynamo":

@@ -10,8 +10,11 @@ from torch import nn
 
 
 def count_params_macs(model: nn.Module, example_inputs: torch.Tensor) -> tuple[int, int]:
-    """(parameters, MACs) of one forward pass on ``example_inputs``, by ``torch_pruning.utils.count_ops_and_params``."""
+    """(parameters, MACs) of one forward pass on ``example_inputs`` (moved to the model's device), by
+    ``torch_pruning.utils.count_ops_and_params``."""
     from torch_pruning.utils import count_ops_and_params
 
-    macs, params = count_ops_and_params(model, example_inputs)
+    from .core.distributed import model_device
+
+    macs, params = count_ops_and_params(model, example_inputs.to(model_device(model)))
     return int(params), int(macs)

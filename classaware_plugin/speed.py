@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.distributed import model_device
 from .core.validation import Constraint, Interval, Options, check_choice, check_number, check_params
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -36,10 +37,16 @@ def _timed(run: Callable[[], Any]) -> float:
 def _runner(model: nn.Module, x: torch.Tensor, runtime: str, tmp: Path, name: str) -> Callable[[], Any]:
     """A no-argument call that runs ``model`` on ``x`` in ``runtime`` (ONNX exported into ``tmp`` and checked)."""
     model = model.eval()
-    if runtime == "torch":
+    if runtime == "torch":  # on the model's device (a GPU is waited for, so the time is the forward pass's)
+        device = model_device(model)
+        x = x.to(device)
+
         def run_torch() -> Any:
             with torch.inference_mode():
-                return model(x)
+                out = model(x)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            return out
         return run_torch
     import onnxruntime as ort
 

@@ -82,14 +82,17 @@ def test_the_png_is_a_real_image(default_run):
         assert len(set(np.asarray(im.convert("L")).ravel().tolist())) > 10  # not blank
 
 
-def test_the_onnx_file_runs_in_onnxruntime(default_run):
+def test_the_onnx_file_runs_in_onnxruntime(default_run, tmp_path):
+    import shutil
+
     import onnxruntime as ort
 
     from classaware_plugin.export import load_model
 
     model = load_model(default_run / "pruned.pt")
     x = torch.randn(3, 1, 16, 16)
-    sess = ort.InferenceSession(str(default_run / "pruned.onnx"), providers=["CPUExecutionProvider"])
+    alone = shutil.copy(default_run / "pruned.onnx", tmp_path / "copied.onnx")  # one self-contained file
+    sess = ort.InferenceSession(str(alone), providers=["CPUExecutionProvider"])
     out = sess.run(None, {"input": x.numpy()})[0]
     assert out.shape == (3, 10)
     assert np.abs(out - model(x).detach().numpy()).max() < 1e-4
@@ -137,6 +140,10 @@ def test_config_default_prints_a_valid_commented_configuration(capsys):
         ("pruning.weighting=uniform", "'weighting' parameter must be one of 'balanced', 'count', 'sum'"),
         ("pruning.loss=hinge", "'loss' parameter must be one of 'ce', 'margin'"),
         ("pruning.omega=-1", "'omega'"),
+        ("device=gpu", "The configuration key 'device': The device must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got 'gpu'"),
+        ("device=cuda:9", "'cuda:9' does not exist on this machine"),
+        ("training.sync_batchnorm=2", "'training.sync_batchnorm' must be true or false. Got 2"),
+        ("device=cpu training.sync_batchnorm=true", "training.sync_batchnorm=true needs CUDA"),
     ],
 )
 def test_every_bad_configuration_is_refused_before_work(override, message):
@@ -330,10 +337,16 @@ def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granulari
     assert report["constraint"]["satisfied"] is True and len(report["history"]) >= 1
 
 
-def test_the_untouched_default_run_holds_the_budget_at_half_the_macs(tmp_path):
+@pytest.fixture(scope="module")
+def untouched_run(tmp_path_factory):
     """The README's first command: no configuration at all (about 50 s)."""
-    out = tmp_path / "default"
+    out = tmp_path_factory.mktemp("run") / "untouched"
     assert main(["run", "--quiet", "--out", str(out)]) == 0
+    return out
+
+
+def test_the_untouched_default_run_holds_the_budget_at_half_the_macs(untouched_run):
+    out = untouched_run
     report = json.loads((out / "report.json").read_text())
     assert report["constraint"]["satisfied"] is True
     assert report["pruned"]["macs"] <= 0.5 * report["dense"]["macs"]
@@ -342,3 +355,85 @@ def test_the_untouched_default_run_holds_the_budget_at_half_the_macs(tmp_path):
     assert all(w % 8 == 0 for w in widths), widths  # round_to: 8 by default
     assert {k: set(v) for k, v in report["speed"].items()} == {
         rt: {"dense_ms", "pruned_ms", "speedup", "batch_size"} for rt in ("onnxruntime", "torch")}
+
+
+# ----------------------------------------------------------------------------- several processes (torch.distributed)
+def _decisions(report: dict) -> list[tuple]:
+    return [(h["decision"], round(h["fraction"], 6)) for h in report["history"]]
+
+
+def test_torchrun_two_processes_take_the_one_process_decisions(untouched_run, tmp_path):
+    """``torchrun --nproc-per-node 2 -m classaware_plugin.cli run`` on the default configuration (gloo, 2 CPU
+    processes, 32 samples each per batch of 64). The models are not bit-identical to the one-process run's (BatchNorm
+    statistics and the ranking term are computed per process batch), so what is pinned is what must hold: the same
+    decisions at the same step sizes and the same stop reason, one report, written by rank 0."""
+    out = tmp_path / "two"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "classaware_plugin.cli", "run", "--quiet", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("Report:") == 1  # rank 0 alone reports
+    one = json.loads((untouched_run / "report.json").read_text())
+    two = json.loads((out / "report.json").read_text())
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert _decisions(two) == _decisions(one) and two["stop_reason"] == one["stop_reason"] == "target_reached"
+    assert two["constraint"]["satisfied"] is True
+    assert not list(out.glob(".*.partial"))
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            kids.append(int(stat.parent.name))
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    return next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+
+
+def test_nproc_run_survives_a_dead_rank_and_resumes_to_the_same_history(tmp_path):
+    """``--nproc 2``: rank 1 is killed (SIGKILL) after the first pruning attempt was checkpointed; the run fails
+    with a message that names the rank and the resume command, and ``--resume --nproc 2`` reaches the history of an
+    uninterrupted two-process run."""
+    sets = _sets([*FAST, "export.onnx=false"])
+    whole = _cli("run", "--quiet", "--out", str(tmp_path / "whole"), "--nproc", "2", *sets)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    out = tmp_path / "killed"
+    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
+                             "--nproc", "2", *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 600
+    while not (out / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    victims = [p for p in _children(proc.pid) if _rank_of(p) == 1]
+    assert victims, "rank 1 not found"
+    os.kill(victims[0], signal.SIGKILL)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert "rank 1 (exit code -9)" in err and f"classaware-prune run --resume {out} --nproc 2" in err
+    assert not (out / "report.json").exists()
+    resumed = _cli("run", "--quiet", "--resume", str(out), "--nproc", "2")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = json.loads((tmp_path / "whole" / "report.json").read_text())
+    b = json.loads((out / "report.json").read_text())
+    assert _decisions(a) == _decisions(b) and len(a["history"]) >= 2
+    assert [h["macs"] for h in a["history"]] == [h["macs"] for h in b["history"]]
+    assert [h["fn"] for h in a["history"]] == [h["fn"] for h in b["history"]]
+
+
+def test_nproc_refuses_a_batch_that_cannot_be_split(tmp_path):
+    proc = _cli("run", "--quiet", "--out", str(tmp_path / "r"), "--nproc", "3")
+    assert proc.returncode == 2
+    assert "data.batch_size=64 must be a multiple of the 3 processes" in proc.stderr
+    assert not (tmp_path / "r").exists()  # refused before any work

@@ -11,6 +11,7 @@ import yaml
 
 from ..backends import FRAMEWORKS, require_framework
 from ..core.controller import FNConstrainedPruning, FNConstraint
+from ..core.distributed import resolve_device
 from ..core.loss import WEIGHT_SCHEMES
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..core.training import TRAIN_PARAMETERS, EarlyStopping
@@ -117,6 +118,10 @@ def _choice(name: str, value: Any, choices: Any) -> None:
 def validate(cfg: dict[str, Any]) -> None:
     """Check every value; the message names the key, what is allowed and what was given."""
     _num("seed", cfg["seed"], low=0, integer=True)
+    try:
+        device = resolve_device(cfg["device"])
+    except ClassAwareError as e:
+        raise ClassAwareError(f"The configuration key 'device': {e}") from None
     d = cfg["data"]
     _choice("data.name", d["name"], sorted(DATASETS))
     if d["name"] == "image_folder" and not d["path"]:
@@ -146,6 +151,11 @@ def validate(cfg: dict[str, Any]) -> None:
     _choice("training.class_weights", t["class_weights"], WEIGHT_SCHEMES)
     _num("training.rank_weight", t["rank_weight"], low=0.0)
     _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
+    if not isinstance(t["sync_batchnorm"], bool):
+        raise ClassAwareError(f"The configuration key 'training.sync_batchnorm' must be true or false. Got {t['sync_batchnorm']!r}.")
+    if t["sync_batchnorm"] and device.type != "cuda":
+        raise ClassAwareError(f"training.sync_batchnorm=true needs CUDA (torch.nn.SyncBatchNorm runs on GPUs only); "
+                              f"device {cfg['device']!r} is {device}. Set training.sync_batchnorm: false.")
     p = cfg["pruning"]
     _choice("pruning.backend", p["backend"], BACKENDS)
     _choice("pruning.granularity", p["granularity"], GRANULARITIES)

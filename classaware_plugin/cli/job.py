@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset
 
 from ..core.validation import ClassAwareError
+from ..core import distributed
 from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
@@ -28,7 +29,7 @@ from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, 
 from ..core.training import EarlyStopping, train
 from ..backends import create_backend
 from ..data import DataBundle, load_dataset
-from ..export import atomic_save, atomic_write_text, export_onnx, leftover_temp_files, save_model
+from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
 from ..speed import LatencyProbe, latency_ms, speedup
@@ -75,13 +76,18 @@ def model_modules(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 def loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
     """The run's loaders: train (shuffled by a generator seeded from ``seed``), val, test, and calib, a fixed
-    calibration subset (the first batches of a seeded permutation: the same every step and on resume)."""
+    calibration subset (the first batches of a seeded permutation: the same every step and on resume).
+
+    Under torch.distributed each rank gets its share (:func:`~classaware_plugin.core.distributed.shard_loader`):
+    training batches of ``batch_size / processes`` whose union is the one-process batch, and validation, test and
+    calibration samples split without repeats (the metrics and statistics, gathered over ranks, are exact)."""
     bs = cfg["data"]["batch_size"]
     train_dl, val_dl, test_dl = bundle.loaders(bs, seed=cfg["seed"])
     perm = torch.randperm(len(bundle.train), generator=torch.Generator().manual_seed(cfg["seed"] + 1))
     n = min(len(bundle.train), bs * cfg["pruning"]["calib_batches"])
     calib = DataLoader(Subset(bundle.train, perm[:n].tolist()), batch_size=bs)
-    return {"train": train_dl, "calib": calib, "val": val_dl, "test": test_dl}
+    dl = {"train": train_dl, "calib": calib, "val": val_dl, "test": test_dl}
+    return {k: distributed.shard_loader(v, train=k == "train") for k, v in dl.items()}
 
 
 def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> ClassDependentLoss:
@@ -92,6 +98,8 @@ def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> 
 
 
 def summarise(model: nn.Module, ev: Evaluation, example: torch.Tensor, macs: int | None = None) -> dict[str, Any]:
+    """A model's test metrics and cost; the latency is measured on the CPU (batch 1, PyTorch)."""
+    model = cpu_copy(model)
     params, counted = count_params_macs(model, example)
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     d = ev.to_dict()
@@ -121,6 +129,29 @@ class Job:
         self.dir = run_dir
         self.progress = progress
         self.trusted = trusted  # --trust-checkpoint: unpickle files in full (see classaware_plugin.files)
+        self.device = distributed.resolve_device(cfg["device"])
+        # Under torch.distributed every rank runs every stage (the collectives need them all); rank 0 alone writes.
+        self.main = distributed.is_main()
+
+    def _exists(self, path: Path) -> bool:
+        """Whether ``path`` exists, as rank 0 sees it (every rank then takes the same branch)."""
+        return bool(distributed.broadcast_object(path.exists()))
+
+    def _save(self, obj: Any, path: Path) -> None:
+        if self.main:
+            atomic_save(obj, path)
+
+    def _save_model(self, model: nn.Module, path: Path) -> None:
+        if self.main:
+            save_model(model, path)
+
+    def _write_text(self, path: Path, text: str) -> None:
+        if self.main:
+            atomic_write_text(path, text)
+
+    def _unlink(self, path: Path) -> None:
+        if self.main:
+            path.unlink(missing_ok=True)
 
     def _load(self, path: Path, what: str) -> Any:
         """A file of this run or the user's checkpoint, read safely unless the user trusts it; classes of the
@@ -129,7 +160,7 @@ class Job:
 
     def _run_state(self) -> dict[str, Any] | None:
         path = self.dir / STATE
-        if not path.exists():
+        if not self._exists(path):
             return None
         state = self._load(path, "run state")
         if not (isinstance(state, dict) and state.get("stage") in STAGES and isinstance(state.get("model"), nn.Module)):
@@ -140,14 +171,14 @@ class Job:
         return state
 
     def _load_model(self, path: Path) -> nn.Module:
-        return load_model(path, trusted=self.trusted, allow_modules=model_modules(self.cfg))
+        return load_model(path, trusted=self.trusted, allow_modules=model_modules(self.cfg)).to(self.device)
 
     # ----------------------------------------------------------------- stages
     def dense_model(self, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> nn.Module:
         path = self.dir / "dense.pt"
-        if path.exists():
+        if self._exists(path):
             log.info("using the cached dense model %s", path)
-            (self.dir / DENSE_TRAINING).unlink(missing_ok=True)  # of a run killed between the two lines below
+            self._unlink(self.dir / DENSE_TRAINING)  # of a run killed between the two lines below
             return self._load_model(path)
         m = self.cfg["model"]
         if m["checkpoint"]:
@@ -155,14 +186,15 @@ class Job:
                 m["checkpoint"], lambda: build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"]),
                 trusted=self.trusted, allow_modules=model_modules(self.cfg))
             check_output_width(model, bundle.num_classes, bundle.input_shape)
+            model.to(self.device)
         else:
             torch.manual_seed(self.cfg["seed"])
-            model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"])
+            model = build_model(m["name"], bundle.num_classes, bundle.input_shape, **m["kwargs"]).to(self.device)
             if not (self.dir / "init.pt").exists():  # w_0 of the magnitude-increase score (the paper's rewind point)
-                save_model(model, self.dir / "init.pt")
+                self._save_model(model, self.dir / "init.pt")
             self._train_dense(model, bundle, important, dl)
-        save_model(model.eval(), path)
-        (self.dir / DENSE_TRAINING).unlink(missing_ok=True)
+        self._save_model(model.eval(), path)
+        self._unlink(self.dir / DENSE_TRAINING)
         return model
 
     def _train_dense(self, model: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> None:
@@ -171,7 +203,7 @@ class Job:
         t = self.cfg["training"]
         loss = make_loss(self.cfg, bundle, important)
         path = self.dir / DENSE_TRAINING
-        saved = self._load(path, "dense training checkpoint") if path.exists() else None
+        saved = self._load(path, "dense training checkpoint") if self._exists(path) else None
         if saved is not None and not (isinstance(saved, dict) and isinstance(saved.get("phase"), int)
                                       and isinstance(saved.get("train"), dict)):
             raise CheckpointError(f"The dense training checkpoint {str(path)!r} was not written by this job; delete it "
@@ -186,9 +218,9 @@ class Job:
             # The warm-up is a fixed number of epochs; the training proper stops when validation stops improving.
             stopper = EarlyStopping(dl["val"], t["patience"]) if t["patience"] is not None and not warmup else None
             train(model, dl["train"], loss, epochs=epochs, lr=t["lr"], optimizer=t["optimizer"], progress=self.progress,
-                  schedule="constant" if warmup else t["schedule"],
+                  schedule="constant" if warmup else t["schedule"], sync_batchnorm=t["sync_batchnorm"],
                   desc=desc, resume=saved["train"] if saved is not None else None, early_stopping=stopper,
-                  checkpoint=lambda st, i=i: atomic_save({"phase": i, "train": st}, path))
+                  checkpoint=lambda st, i=i: self._save({"phase": i, "train": st}, path))
             saved = None
         loss.warmup = False
 
@@ -205,15 +237,16 @@ class Job:
             dl["train"].generator.manual_seed(seed * 100_003 + k)
             stopper = EarlyStopping(dl["val"], p["finetune_patience"]) if p["finetune_patience"] is not None else None
             train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"], early_stopping=stopper,
-                  optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})")
+                  optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})",
+                  sync_batchnorm=self.cfg["training"]["sync_batchnorm"])
 
-        example = torch.zeros(2, *bundle.input_shape)
+        example = torch.zeros(2, *bundle.input_shape, device=self.device)
         # The stop target: sparsity (unstructured), fewer MACs, or measured speed against the dense model.
         probe, key, target = None, "macs_reduction", p["target_macs_reduction"]
         if p["granularity"] == "unstructured":
             key, target = "sparsity", p["target_sparsity"]
         elif p["target_latency_reduction"] is not None:
-            probe = LatencyProbe(dense, bundle.input_shape, batch_size=p["latency_batch_size"],
+            probe = LatencyProbe(cpu_copy(dense), bundle.input_shape, batch_size=p["latency_batch_size"],
                                  runtime=p["latency_runtime"])
             key, target = "latency_reduction", p["target_latency_reduction"]
         backend = create_backend(
@@ -226,7 +259,7 @@ class Job:
 
     def _initial_model(self) -> nn.Module:
         path = self.dir / "init.pt"
-        if not path.exists():
+        if not self._exists(path):
             raise ClassAwareError(
                 f"pruning.score={self.cfg['pruning']['score']} needs the model's initial weights, which exist only "
                 "when the job trains the dense model itself (model.checkpoint is set). Use pruning.score=fisher."
@@ -234,15 +267,15 @@ class Job:
         return self._load_model(path)
 
     def _checkpoint(self, run: PruningRun, stage: str, extra: dict[str, Any] | None = None) -> None:
-        atomic_save({"stage": stage, "model": run.model, "controller": run.loop.state_dict(),
-                     "backend": run.backend.state_dict(), **(extra or {})}, self.dir / STATE)
+        self._save({"stage": stage, "model": run.model, "controller": run.loop.state_dict(),
+                    "backend": run.backend.state_dict(), **(extra or {})}, self.dir / STATE)
 
     # ----------------------------------------------------------------- the whole job
     def run(self) -> dict[str, Any]:
         """Data -> dense model -> dense metrics -> pruning -> calibration -> export -> report; every stage's result is
         on disk before the next begins, so ``--resume`` continues from the last one."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
+        self._write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
         t0 = time.time()
         bundle, important = load_data(self.cfg)
         dl = loaders(bundle, self.cfg)
@@ -254,16 +287,19 @@ class Job:
         exports = self.export(run.model, bundle)
         report = self.report(run, dense, dense_metrics, dense_val, bundle, important, dl, calibration, exports)
         report["wall_time_s"] = round(time.time() - t0, 1)
+        report["processes"] = distributed.world_size()
+        report["device"] = str(self.device)
         from .report import write_report
 
-        write_report(report, self.dir)
+        if self.main:
+            write_report(report, self.dir)
         self._checkpoint(run, "done", {"calibration": calibration})
         return report
 
     def dense_metrics(self, dense: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> dict[str, Any]:
         """Test metrics (FN at argmax and at the dense FPR, AUC, AP, cost) and validation metrics of the dense model."""
         path = self.dir / "dense_metrics.json"
-        if path.exists():
+        if self._exists(path):
             return json.loads(path.read_text())
         val_pred, test_pred = predict(dense, dl["val"]), predict(dense, dl["test"])
         val = evaluate_predictions(*val_pred, important, bundle.num_classes)
@@ -273,7 +309,7 @@ class Job:
                      "at_dense_fpr": operating_points(val_pred, test_pred, important, val)},
             "validation": val.to_dict(),
         }
-        atomic_write_text(path, json.dumps(metrics, indent=1))
+        self._write_text(path, json.dumps(metrics, indent=1))
         return metrics
 
     def prune(self, dense: nn.Module, dense_val: Evaluation, bundle: DataBundle, important: list[int],
@@ -281,7 +317,7 @@ class Job:
         """FN-constrained pruning, checkpointed after every attempt and resumed from the last one."""
         cfg, c, p = self.cfg, self.cfg["constraint"], self.cfg["pruning"]
         state = self._run_state()
-        model = state["model"] if state is not None else self._load_model(self.dir / "dense.pt")
+        model = state["model"].to(self.device) if state is not None else self._load_model(self.dir / "dense.pt")
         run = PruningRun(model, FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"],
                                              max_accuracy_drop=c["max_accuracy_drop"],
                                              operating_point=operating_point(cfg)),
@@ -318,9 +354,11 @@ class Job:
         return run.calibration
 
     def export(self, model: nn.Module, bundle: DataBundle) -> dict[str, Any]:
-        """``pruned.pt`` and (``export.onnx``) ``pruned.onnx``, checked against onnxruntime."""
-        save_model(model.eval(), self.dir / "pruned.pt")
+        """``pruned.pt`` and (``export.onnx``) ``pruned.onnx``, checked against onnxruntime (rank 0, from the CPU)."""
         exports: dict[str, Any] = {"pytorch": "pruned.pt"}
+        if not self.main:
+            return exports
+        save_model(model.eval(), self.dir / "pruned.pt")
         if self.cfg["export"]["onnx"]:
             example = torch.randn(4, *bundle.input_shape, generator=torch.Generator().manual_seed(0))
             exports.update(onnx="pruned.onnx", onnx_max_abs_diff=export_onnx(model, example, self.dir / "pruned.onnx"))
@@ -354,8 +392,8 @@ class Job:
             "stop_reason": run.loop.stop_reason_,
             "calibration": calibration,
             "exports": exports,
-            # measured on this machine, dense and pruned interleaved (see classaware_plugin.speed)
-            "speed": speedup(dense, model, bundle.input_shape, batch_size=64),
+            # measured on this machine's CPU by rank 0, dense and pruned interleaved (see classaware_plugin.speed)
+            "speed": speedup(cpu_copy(dense), cpu_copy(model), bundle.input_shape, batch_size=64) if self.main else None,
         }
 
 

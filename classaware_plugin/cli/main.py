@@ -2,6 +2,8 @@
 
     classaware-prune run [--config FILE] [--set key=value ...] [--out DIR] [--force] [--quiet] [--trust-checkpoint]
     classaware-prune run --resume DIR
+    classaware-prune run --nproc N ...                      # N processes on this machine (torch.distributed)
+    torchrun --nproc-per-node N -m classaware_plugin.cli run ...  # the same, with torchrun's own flags
     classaware-prune config --default
     classaware-prune evaluate MODEL --data digits --important 3 [--split test] [--trust-checkpoint]
 
@@ -24,7 +26,8 @@ log = logging.getLogger("classaware_plugin")
 def _setup_logging(quiet: bool) -> None:
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     # Libraries we call are not allowed to talk over our output.
-    for noisy in ("nni", "torch_pruning", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch.export"):
+    for noisy in ("nni", "torch_pruning", "matplotlib", "PIL", "onnxscript", "onnx_ir", "torch.onnx", "torch.export",
+                  "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -46,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", metavar="DIR", help="continue an interrupted run from its directory")
     r.add_argument("--force", action="store_true", help="start over in a non-empty run directory")
     r.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    r.add_argument("--nproc", type=_positive_int, metavar="N",
+                   help="run in N processes on this machine through torch.distributed (data split between them; "
+                        "on CUDA one GPU each); under torchrun leave it out")
     c = sub.add_parser("config", help="print the commented default configuration")
     c.add_argument("--default", action="store_true", required=True)
     e = sub.add_parser("evaluate", parents=[trust], help="per-class table of a saved model")
@@ -58,14 +64,38 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (a number of processes). Got {text!r}.")
+    return int(text)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    from . import launch
+
+    if launch.under_torchrun() and args.nproc is not None:
+        from ..core.validation import ClassAwareError
+
+        raise ClassAwareError("--nproc starts its own processes; under torchrun leave it out (torchrun's "
+                              "--nproc-per-node sets the number).")
+    try:
+        return _run(args)
+    finally:
+        launch.leave()
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ..core import distributed
     from ..core.progress import set_quiet
+    from . import launch
     from .config import load_config
     from .job import Job, prepare_run_dir
 
     set_quiet(args.quiet)
     from ..core.validation import ClassAwareError
     from .job import MARKER
+
+    parallel = args.nproc is not None and args.nproc > 1
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -82,12 +112,39 @@ def cmd_run(args: argparse.Namespace) -> int:
                 )
             raise ClassAwareError(f"{run_dir} is not a run directory (no config.yaml).")
         cfg = load_config(run_dir / "config.yaml")
-        log.info("resuming %s", run_dir)
+        if parallel:
+            launch.check_splittable(cfg, args.nproc)
+        if launch.under_torchrun():
+            launch.join(cfg)
+        if not os.environ.get(launch.LAUNCHED):
+            log.info("resuming %s", run_dir)
     else:
         cfg = load_config(args.config, args.set)
-        run_dir = prepare_run_dir(Path(args.out or cfg["output_dir"]), args.force)
+        if parallel:
+            launch.check_splittable(cfg, args.nproc)
+        if launch.under_torchrun():
+            launch.join(cfg)
+        run_dir, failed = Path(args.out or cfg["output_dir"]), None
+        if distributed.is_main():  # rank 0 prepares the directory; the others take its outcome
+            try:
+                prepare_run_dir(run_dir, args.force)
+            except ClassAwareError as e:
+                failed = str(e)
+        failed = distributed.broadcast_object(failed)
+        if failed:
+            raise ClassAwareError(failed)
         cfg["output_dir"] = str(run_dir)
-    resume = f"classaware-prune run --resume {run_dir}" + (" --trust-checkpoint" if args.trust_checkpoint else "")
+    resume = (f"classaware-prune run --resume {run_dir}" + (" --trust-checkpoint" if args.trust_checkpoint else "")
+              + (f" --nproc {args.nproc}" if parallel else ""))
+    if parallel:
+        import yaml
+
+        from ..export import atomic_write_text
+
+        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))  # the processes resume it
+        log.info("starting %d processes for %s", args.nproc, run_dir)
+        flags = [f for f, on in (("--quiet", args.quiet), ("--trust-checkpoint", args.trust_checkpoint)) if on]
+        return launch.launch(args.nproc, run_dir, flags, ["--debug"] if args.debug else [])
     try:
         report = Job(cfg, run_dir, progress=not args.quiet, trusted=args.trust_checkpoint).run()
     except KeyboardInterrupt:
@@ -99,6 +156,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"error: {_one_line(e)}\nThe run stopped and keeps what it completed. After fixing the data or files, "
               f"continue with: {resume} (a configuration mistake needs a new run: --force).", file=sys.stderr)
         return 2 if isinstance(e, ClassAwareError) else 1
+    if not distributed.is_main():
+        return 0
     d, p = report["dense"], report["pruned"]
     imp = report["constraint"]["important_classes"]
     names = report["class_names"]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 from contextlib import contextmanager
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -59,7 +60,7 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
         return torch.device("cpu")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec in ("auto", "cuda"):
-        index = local_rank() % max(count, 1) if is_distributed() else 0
+        index = local_rank() % max(count, 1)
     else:
         index = int(spec[5:])
     if index >= count:
@@ -93,10 +94,8 @@ def world_size() -> int:
 
 
 def local_rank() -> int:
-    """This process's index on its machine (``LOCAL_RANK`` set by torchrun; the rank otherwise)."""
-    import os
-
-    return int(os.environ.get("LOCAL_RANK", rank()))
+    """This process's index on its machine (``LOCAL_RANK``, set by torchrun; 0 otherwise)."""
+    return int(os.environ.get("LOCAL_RANK", 0))
 
 
 def is_main() -> bool:
