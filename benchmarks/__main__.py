@@ -1,6 +1,7 @@
 """python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency [--suite NAME ...]
 [--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
-python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...]"""
+python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...];
+python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda]"""
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,11 @@ def main() -> None:
     jt = sub.add_parser("jobtime", help="wall time of classaware-prune run on a 10k-image ImageFolder (results/jobtime.md)")
     jt.add_argument("--out", type=Path)
     jt.add_argument("--backends", nargs="*", choices=["torch-pruning", "nni"], metavar="BACKEND")
+    tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
+    tp_.add_argument("--out", type=Path)
+    tp_.add_argument("--nproc", type=_positive_int, nargs="*", default=[1, 2], help="process counts (default: 1 2)")
+    tp_.add_argument("--models", nargs="*", choices=["resnet8", "resnet18"], metavar="MODEL")
+    tp_.add_argument("--device", default="auto", help="auto | cpu | cuda (one GPU per process)")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
@@ -87,6 +93,11 @@ def main() -> None:
         from .jobtime import BACKENDS, run as run_jobtime
 
         run_jobtime(out, tuple(args.backends or BACKENDS))
+        return
+    elif args.cmd == "throughput":
+        from .throughput import MODELS as TP_MODELS, run as run_throughput
+
+        run_throughput(out, tuple(args.nproc), tuple(args.models or TP_MODELS), args.device)
         return
     elif args.cmd == "latency":
         t = time.time()

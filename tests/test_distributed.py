@@ -192,3 +192,19 @@ def test_model_signature_sees_shapes_and_masks():
     c = _tiny()
     prune.l1_unstructured(c.fc, "weight", amount=0.25)
     assert len({model_signature(a), model_signature(b), model_signature(c)}) == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (this machine has none)")
+def test_statistics_training_evaluation_calibration_and_export_run_on_a_gpu(tmp_path):
+    from classaware_plugin.core import ClassDependentLoss, calibrate
+    from classaware_plugin.export import export_onnx
+
+    model = _tiny().to(resolve_device("cuda"))
+    loader = DataLoader(_data(), batch_size=16)
+    ChannelFisher([1], 3).collect(model, loader)
+    WeightStatistics([1], 3).collect(model, loader)
+    train(model, loader, ClassDependentLoss([1], class_counts=[30, 30, 30]), epochs=1, progress=False)
+    ev = evaluate(model, loader, [1], 3)
+    calibrate(model, loader, [1], {1: max(ev.fn[1] - 1, 0)})
+    assert export_onnx(model, torch.randn(2, 1, 6, 6), tmp_path / "m.onnx") < 1e-4
+    assert next(model.parameters()).is_cuda  # exported from a CPU copy, the model stays where it was

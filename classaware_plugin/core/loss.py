@@ -147,7 +147,7 @@ class ClassDependentLoss(nn.Module):
             raise ClassAwareError(
                 f"The model output must have shape (batch, {self.num_classes}). Got {tuple(logits.shape)}."
             )
-        weight = None if self.warmup else self.weight.to(logits.dtype)
+        weight = None if self.warmup else self.weight.to(logits.device, logits.dtype)
         loss = F.cross_entropy(logits, target, weight=weight)
         if self.rank_weight == 0.0:
             return loss
