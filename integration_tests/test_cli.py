@@ -437,3 +437,16 @@ def test_nproc_refuses_a_batch_that_cannot_be_split(tmp_path):
     assert proc.returncode == 2
     assert "data.batch_size=64 must be a multiple of the 3 processes" in proc.stderr
     assert not (tmp_path / "r").exists()  # refused before any work
+
+
+@pytest.mark.parametrize("sets", [["pruning.backend=nni"],
+                                  ["pruning.granularity=unstructured", "pruning.target_sparsity=0.6"]],
+                         ids=["nni", "unstructured"])
+def test_the_other_backends_run_on_two_processes(tmp_path, sets):
+    out = tmp_path / "r"
+    proc = _cli("run", "--quiet", "--out", str(out), "--nproc", "2",
+                *_sets([*FAST, "pruning.max_steps=3", "export.onnx=false", *sets]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert report["processes"] == 2 and report["constraint"]["satisfied"] is True
+    assert any(h["decision"] == "accept" for h in report["history"])
