@@ -380,6 +380,8 @@ def test_torchrun_two_processes_take_the_one_process_decisions(untouched_run, tm
     assert _decisions(two) == _decisions(one) and two["stop_reason"] == one["stop_reason"] == "target_reached"
     assert two["constraint"]["satisfied"] is True
     assert not list(out.glob(".*.partial"))
+    assert "Ran on cpu in 2 processes (torch.distributed); wall time" in (out / "report.md").read_text()
+    assert "Ran on cpu; wall time" in (untouched_run / "report.md").read_text()
 
 
 def _children(pid: int) -> list[int]:

@@ -112,19 +112,18 @@ def _run(args: argparse.Namespace) -> int:
                 )
             raise ClassAwareError(f"{run_dir} is not a run directory (no config.yaml).")
         cfg = load_config(run_dir / "config.yaml")
-        if parallel:
-            launch.check_splittable(cfg, args.nproc)
-        if launch.under_torchrun():
-            launch.join(cfg)
+    else:
+        cfg = load_config(args.config, args.set)
+        run_dir = Path(args.out or cfg["output_dir"])
+    if parallel:
+        launch.check_splittable(cfg, args.nproc)  # before any work
+    if launch.under_torchrun():
+        launch.join(cfg)
+    if args.resume:
         if not os.environ.get(launch.LAUNCHED):
             log.info("resuming %s", run_dir)
     else:
-        cfg = load_config(args.config, args.set)
-        if parallel:
-            launch.check_splittable(cfg, args.nproc)
-        if launch.under_torchrun():
-            launch.join(cfg)
-        run_dir, failed = Path(args.out or cfg["output_dir"]), None
+        failed = None
         if distributed.is_main():  # rank 0 prepares the directory; the others take its outcome
             try:
                 prepare_run_dir(run_dir, args.force)

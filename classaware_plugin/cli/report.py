@@ -101,7 +101,13 @@ def write_markdown(report: dict[str, Any]) -> str:
     ex = report.get("exports", {})
     if "onnx" in ex:
         lines.append(f"Exported: `{ex['pytorch']}` (PyTorch), `{ex['onnx']}` (ONNX; max abs difference to PyTorch "
-                     f"{ex['onnx_max_abs_diff']:.2e}). Wall time {report['wall_time_s']} s.")
+                     f"{ex['onnx_max_abs_diff']:.2e}).")
+    elif "pytorch" in ex:
+        lines.append(f"Exported: `{ex['pytorch']}` (PyTorch).")
+    processes = report.get("processes", 1)
+    lines.append(f"Ran on {report.get('device', 'cpu')}"
+                 f"{f' in {processes} processes (torch.distributed)' if processes > 1 else ''}; wall time "
+                 f"{report['wall_time_s']} s.")
     return "\n".join(lines) + "\n"
 
 
