@@ -81,6 +81,11 @@ def launch(nproc: int, run_dir: Path, run_flags: list[str], main_flags: list[str
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import parse_args, run
 
+    # torchrun's loggers set their own level (WARNING) on import: its notices (OMP_NUM_THREADS, signals sent to the
+    # other processes) are not ours to print; its errors still show.
+    for name in list(logging.root.manager.loggerDict):
+        if name.startswith("torch.distributed"):
+            logging.getLogger(name).setLevel(logging.ERROR)
     args = parse_args(["--standalone", f"--nproc-per-node={nproc}", "--module", "classaware_plugin.cli",
                        *main_flags, "run", "--resume", str(run_dir), *run_flags])
     os.environ[LAUNCHED] = "1"
