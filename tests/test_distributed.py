@@ -1,7 +1,6 @@
 """torch.distributed: 2 CPU processes (gloo) against one process over the same samples, and the helpers alone."""
 from __future__ import annotations
 
-import os
 import tempfile
 from pathlib import Path
 
