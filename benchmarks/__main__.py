@@ -49,6 +49,7 @@ def main() -> None:
     jt = sub.add_parser("jobtime", help="wall time of classaware-prune run on a 10k-image ImageFolder (results/jobtime.md)")
     jt.add_argument("--out", type=Path)
     jt.add_argument("--backends", nargs="*", choices=["torch-pruning", "nni"], metavar="BACKEND")
+    jt.add_argument("--nproc", type=_positive_int, default=1, help="processes of the job (classaware-prune run --nproc)")
     tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
     tp_.add_argument("--out", type=Path)
     tp_.add_argument("--nproc", type=_positive_int, nargs="*", default=[1, 2], help="process counts (default: 1 2)")
@@ -92,7 +93,7 @@ def main() -> None:
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime
 
-        run_jobtime(out, tuple(args.backends or BACKENDS))
+        run_jobtime(out, tuple(args.backends or BACKENDS), args.nproc)
         return
     elif args.cmd == "throughput":
         from .throughput import MODELS as TP_MODELS, run as run_throughput

@@ -44,20 +44,22 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS) -> Path:
     return root
 
 
-def run(out: Path, backends: tuple[str, ...] = BACKENDS) -> list[dict[str, Any]]:
+def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list[dict[str, Any]]:
+    """Time the job per backend (``nproc`` > 1: ``classaware-prune run --nproc``); rows already measured are kept."""
     path = out / "jobtime.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.exists() else []
     folder = make_image_folder(Path(os.environ.get("CLASSAWARE_DATA", Path.home() / ".cache" / "classaware"))
                                / "fashion_folder_10k")
     for backend in backends:
-        if any(r["backend"] == backend for r in rows):
+        if any(r["backend"] == backend and r.get("processes", 1) == nproc for r in rows):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             args = ["--set", "data.name=image_folder", "--set", f"data.path={folder}", "--set", "data.image_size=28",
                     "--set", "important_classes=[Shirt]", "--set", f"pruning.backend={backend}"]
             t = time.time()
+            procs = ["--nproc", str(nproc)] if nproc > 1 else []
             proc = subprocess.run([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out",
-                                   f"{tmp}/run", *args], capture_output=True, text=True,
+                                   f"{tmp}/run", *procs, *args], capture_output=True, text=True,
                                   env={**os.environ, "MPLBACKEND": "Agg"})
             wall = time.time() - t
             if proc.returncode != 0:
@@ -65,19 +67,20 @@ def run(out: Path, backends: tuple[str, ...] = BACKENDS) -> list[dict[str, Any]]
             report = json.loads(Path(f"{tmp}/run/report.json").read_text())
         d, p = report["dense"], report["pruned"]
         shirt = str(report["constraint"]["important_classes"][0])
-        row = {"backend": backend, "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
+        row = {"backend": backend, "processes": nproc, "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
                "stop_reason": report["stop_reason"], "macs_reduction": d["macs"] / p["macs"],
                "attempts": len(report["history"]), "dense_accuracy": d["accuracy"], "pruned_accuracy": p["accuracy"],
                "dense_fn": d["fn"][shirt], "pruned_fn": p["fn"][shirt], "speed": report["speed"]}
-        log.info("%s: %.0f s, %s, %.2fx MACs", backend, wall, row["stop_reason"], row["macs_reduction"])
+        log.info("%s, %d process(es): %.0f s, %s, %.2fx MACs", backend, nproc, wall, row["stop_reason"], row["macs_reduction"])
         rows.append(row)
         atomic_write_text(path, json.dumps({"rows": rows}, indent=1))
     lines = ["# Wall time of `classaware-prune run` on a 10,000-image ImageFolder (28x28 PNG, 2 cores)", "",
              "`python -m benchmarks jobtime` (benchmarks/jobtime.py); default settings, Shirt important.", "",
-             "| backend | wall time | stop reason | attempts | MACs reduction | accuracy dense -> pruned | Shirt FN (test) "
-             "dense -> pruned | onnxruntime speed-up (b64) |", "|---|---:|---|---:|---:|---|---|---:|"]
+             "`--nproc 2`: the same job in 2 processes (torch.distributed, 1 thread each).", "",
+             "| backend | processes | wall time | stop reason | attempts | MACs reduction | accuracy dense -> pruned | Shirt FN (test) "
+             "dense -> pruned | onnxruntime speed-up (b64) |", "|---|---:|---:|---|---:|---:|---|---|---:|"]
     for r in rows:
-        lines.append(f"| {r['backend']} | {r['wall_s'] / 60:.1f} min | {r['stop_reason']} | {r['attempts']} | "
+        lines.append(f"| {r['backend']} | {r.get('processes', 1)} | {r['wall_s'] / 60:.1f} min | {r['stop_reason']} | {r['attempts']} | "
                      f"{r['macs_reduction']:.2f}x | {r['dense_accuracy']:.3f} -> {r['pruned_accuracy']:.3f} | "
                      f"{r['dense_fn']} -> {r['pruned_fn']} | {r['speed']['onnxruntime']['speedup']:.2f}x |")
     atomic_write_text(out / "jobtime.md", "\n".join(lines) + "\n")
