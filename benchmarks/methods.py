@@ -342,6 +342,7 @@ PROTOCOL = {
     "so_fisher": structured("fisher", False, class_dependent=False),
     "so_fisher_margin": structured("fisher", False, class_dependent=False, loss="margin"),
     "so_fisher_agnostic": structured("fisher", False, class_dependent=False, weighting="count"),
+    "so_fisher_omega4": structured("fisher", False, class_dependent=False, omega=4.0),  # the important class x4
     "so_taylor_signed": structured("taylor_signed", False, class_dependent=False),
     "so_tp_taylor": structured("", False, importance="tp_taylor", class_dependent=False),
     "so_tp_magnitude": structured("", False, importance="tp_magnitude", class_dependent=False),
@@ -360,13 +361,15 @@ NNI_METHODS.update({
     "pl_nni_l1": nni_one_shot("L1NormPruner", class_dependent=False),
     "pl_nni_taylor": nni_one_shot("TaylorPruner", class_dependent=False),
 })
-CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_taylor_signed", "pl_ours", "pl_ours_calibrated", "pl_ours_ce",
+CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_fisher_omega4", "so_taylor_signed", "pl_ours",
+                    "pl_ours_calibrated", "pl_ours_ce",
                     "fb_fisher"})
 # The same score-only comparison for unstructured pruning (cross-entropy fine-tuning for every score).
 UNSTRUCTURED.update({
     "so_fisher": unstructured("fisher", class_dependent=False),
     "so_fisher_margin": unstructured("fisher", class_dependent=False, loss="margin"),
     "so_fisher_agnostic": unstructured("fisher", class_dependent=False, weighting="count"),
+    "so_fisher_omega4": unstructured("fisher", class_dependent=False, omega=4.0),
     "so_magnitude": unstructured("magnitude", class_dependent=False),
     "so_taylor_signed": unstructured("taylor_signed", class_dependent=False),
 })

@@ -94,7 +94,7 @@ COMPARISONS = {
 }
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
-                    "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce")
+                    "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce", "so_fisher_omega4")
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
@@ -103,7 +103,7 @@ SUITES["fashion_protocol"] = Suite(
 
 # The same score-only comparison on the two other data sets (cheap: seconds per run), to judge the score's defaults
 # on more than one suite: digits (structured) and breast cancer (MLP, unstructured).
-SCORE_VARIANTS = ("so_fisher", "so_fisher_agnostic", "so_fisher_margin")
+SCORE_VARIANTS = ("so_fisher", "so_fisher_agnostic", "so_fisher_margin", "so_fisher_omega4")
 SUITES["digits_protocol"] = Suite(
     "digits_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     SCORE_VARIANTS + ("so_tp_taylor", "so_tp_magnitude"), (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
