@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.distributed import model_device
+from .core.distributed import broadcast_object, is_main, model_device
+from .export import cpu_copy
 from .core.validation import Constraint, Interval, Options, check_choice, check_number, check_params
 
 RUNTIMES = ("onnxruntime", "torch")
@@ -114,10 +115,15 @@ class LatencyProbe:
         import copy
 
         check_params(self.PARAMETERS, {"runtime": runtime, "batch_size": batch_size, "repeats": repeats})
-        self.dense = copy.deepcopy(dense).eval()
+        self.dense = copy.deepcopy(dense).cpu().eval()
         self.input_shape, self.batch_size, self.runtime, self.repeats = tuple(input_shape), batch_size, runtime, repeats
 
     def __call__(self, model: nn.Module) -> float:
-        result = speedup(self.dense, model, self.input_shape, batch_size=self.batch_size, runtimes=(self.runtime,),
-                         repeats=self.repeats)
-        return result[self.runtime]["speedup"]
+        """The measured speed-up. Under torch.distributed rank 0 measures (on the CPU, from copies when the models
+        are elsewhere) and every rank gets its number, so all take the same decision."""
+        value = None
+        if is_main():
+            result = speedup(self.dense, cpu_copy(model), self.input_shape, batch_size=self.batch_size,
+                             runtimes=(self.runtime,), repeats=self.repeats)
+            value = result[self.runtime]["speedup"]
+        return float(broadcast_object(value))

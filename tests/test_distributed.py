@@ -76,6 +76,10 @@ def _worker(rank: int, init: str, out: str) -> None:
                                             generator=torch.Generator().manual_seed(6)), train=True),
               nn.CrossEntropyLoss(), epochs=1, lr=1e-2, progress=False)
         results["tiny"] = tiny.state_dict()
+        # a latency target: rank 0 measures, every rank takes its number
+        from classaware_plugin.speed import LatencyProbe
+
+        results["latency"] = LatencyProbe(_tiny(), (1, 6, 6), batch_size=4, runtime="torch", repeats=3)(_tiny())
         # the ranks agree on a structure, and notice when they do not
         check_consistent(model_signature(tiny), "the model")
         try:
@@ -143,6 +147,7 @@ def test_ranks_end_training_identical_and_notice_divergence(ranks):
         assert torch.equal(v, ranks[1]["tiny"][k]), k
     assert not torch.equal(ranks[0]["tiny"]["fc.weight"], _tiny().state_dict()["fc.weight"])  # it did train
     assert "rank(s) [1]" in ranks[0]["diverged"] and "the rank" in ranks[1]["diverged"]
+    assert ranks[0]["latency"] == ranks[1]["latency"] > 0  # measured once (rank 0), so every rank decides alike
 
 
 # ----------------------------------------------------------------------------- helpers in one process

@@ -246,7 +246,7 @@ class Job:
         if p["granularity"] == "unstructured":
             key, target = "sparsity", p["target_sparsity"]
         elif p["target_latency_reduction"] is not None:
-            probe = LatencyProbe(cpu_copy(dense), bundle.input_shape, batch_size=p["latency_batch_size"],
+            probe = LatencyProbe(dense, bundle.input_shape, batch_size=p["latency_batch_size"],
                                  runtime=p["latency_runtime"])
             key, target = "latency_reduction", p["target_latency_reduction"]
         backend = create_backend(
