@@ -5,8 +5,9 @@ process count, ``torch.distributed.run --standalone --nproc-per-node N -m benchm
 process takes its share of the same data (:func:`classaware_plugin.core.distributed.shard_loader`: per-process batch
 64 / N, global batch 64) and measures, after one warm-up pass:
 
-- the statistics pass: ``ChannelFisher.collect`` over 16 global batches (the sums all-reduced at the end);
-- fine-tuning: one epoch of ``train`` (DistributedDataParallel when N > 1) over 32 global batches.
+- the statistics pass: ``ChannelFisher.collect`` over 16 global batches (4 for ResNet-18; the sums all-reduced at
+  the end);
+- fine-tuning: one epoch of ``train`` (DistributedDataParallel when N > 1) over 32 global batches (4 for ResNet-18).
 
 Samples per second = global samples / the slowest rank's time. On the CPU every process gets ``cores // N``
 threads, so a process count never buys more cores than the machine has; on a machine with GPUs (``--device auto``
@@ -31,21 +32,22 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 log = logging.getLogger("benchmarks")
-MODELS = {"resnet8": ("cifar_resnet", (1, 28, 28), {"depth": 8, "width": 32}),
-          "resnet18": ("resnet18", (3, 64, 64), {})}
+MODELS = {  # name -> (architecture, input, kwargs, statistics batches, training batches); fewer for the slow model
+    "resnet8": ("cifar_resnet", (1, 28, 28), {"depth": 8, "width": 32}, 16, 32),
+    "resnet18": ("resnet18", (3, 64, 64), {}, 4, 4),
+}
 BATCH = 64
-STAT_BATCHES = 16
-TRAIN_BATCHES = 32
 
 
-def _loaders(shape: tuple[int, ...], seed: int = 0) -> tuple[DataLoader, DataLoader]:
+def _loaders(shape: tuple[int, ...], stat_batches: int, train_batches: int,
+             seed: int = 0) -> tuple[DataLoader, DataLoader]:
     from classaware_plugin.core.distributed import shard_loader
 
     g = torch.Generator().manual_seed(seed)
-    n = BATCH * max(STAT_BATCHES, TRAIN_BATCHES)
+    n = BATCH * max(stat_batches, train_batches)
     ds = TensorDataset(torch.randn(n, *shape, generator=g), torch.randint(0, 10, (n,), generator=g))
-    stats = DataLoader(TensorDataset(*ds[: BATCH * STAT_BATCHES]), batch_size=BATCH)
-    train = DataLoader(TensorDataset(*ds[: BATCH * TRAIN_BATCHES]), batch_size=BATCH, shuffle=True,
+    stats = DataLoader(TensorDataset(*ds[: BATCH * stat_batches]), batch_size=BATCH)
+    train = DataLoader(TensorDataset(*ds[: BATCH * train_batches]), batch_size=BATCH, shuffle=True,
                        generator=torch.Generator().manual_seed(seed))
     return shard_loader(stats), shard_loader(train, train=True)
 
@@ -76,17 +78,17 @@ def worker(models: list[str], device_spec: str, out: Path) -> None:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     rows = []
     for name in models:
-        arch, shape, kw = MODELS[name]
+        arch, shape, kw, stat_batches, train_batches = MODELS[name]
         torch.manual_seed(0)
         model = build_model(arch, 10, shape, **kw).to(device)
-        stats_dl, train_dl = _loaders(shape)
+        stats_dl, train_dl = _loaders(shape, stat_batches, train_batches)
         loss = ClassDependentLoss([3], class_counts=[100] * 10, rank_weight=1.0)
         row: dict[str, Any] = {"model": name, "input": list(shape), "processes": world_size(), "device": device.type,
                                "threads": torch.get_num_threads(), "global_batch": BATCH}
         for what, run, samples in (
-            ("statistics", lambda: ChannelFisher([3], 10).collect(model, stats_dl), BATCH * STAT_BATCHES),
+            ("statistics", lambda: ChannelFisher([3], 10).collect(model, stats_dl), BATCH * stat_batches),
             ("finetuning", lambda: train(model, train_dl, loss, epochs=1, lr=1e-4, progress=False),
-             BATCH * TRAIN_BATCHES),
+             BATCH * train_batches),
         ):
             run()  # warm-up
             barrier()
