@@ -21,6 +21,7 @@ global batch divided by the number of processes); evaluation shards with no samp
 from __future__ import annotations
 
 import hashlib
+import itertools
 import logging
 import math
 import os
@@ -74,9 +75,8 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter (or buffer); CPU for a model with neither."""
-    for t in (*model.parameters(), *model.buffers()):
-        return t.device
-    return torch.device("cpu")
+    first = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 # ----------------------------------------------------------------------------- processes
