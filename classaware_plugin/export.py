@@ -88,6 +88,8 @@ def cpu_copy(model: nn.Module) -> nn.Module:
 
 
 EXPORTERS = ("auto", "dynamo", "legacy")
+PROTOBUF_LIMIT = 1_800_000_000
+"""Bytes of weights above which the ONNX file keeps them beside it (``NAME.data``): one protobuf holds at most 2 GB."""
 
 
 @torch.no_grad()
@@ -114,8 +116,10 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
+                # One self-contained file, unless the weights exceed what one protobuf may hold (2 GB).
+                large = sum(t.numel() * t.element_size() for t in model.state_dict().values()) > PROTOBUF_LIMIT
                 torch.onnx.export(model, (example_inputs,), str(path), dynamo=True, verbose=False,
-                                  dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, **names)
+                                  dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=large, **names)
             used = "dynamo"
         except Exception as e:  # noqa: BLE001 - torch.export's failures are many and version-dependent
             if exporter == "dynamo":
