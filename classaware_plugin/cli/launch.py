@@ -93,10 +93,11 @@ def launch(nproc: int, run_dir: Path, run_flags: list[str], main_flags: list[str
         run(args)
     except ChildFailedError as e:
         failed = ", ".join(f"rank {r} (exit code {f.exitcode})" for r, f in sorted(e.failures.items()))
-        print(f"error: {failed} of the {nproc} processes failed; the others were stopped (the failing process's own "
+        print(f"error: {failed} of the {nproc} processes failed and the rest were stopped (a failing process's own "
               f"message is above). The run directory keeps what it completed; continue with: classaware-prune run "
               f"--resume {run_dir} --nproc {nproc}", file=sys.stderr)
-        return 1
+        # 2 when every process refused a mistake of the user's (as a single process would exit), else 1
+        return 2 if all(f.exitcode == 2 for f in e.failures.values()) else 1
     finally:
         os.environ.pop(LAUNCHED, None)
     return 0

@@ -134,7 +134,8 @@ def _run(args: argparse.Namespace) -> int:
             raise ClassAwareError(failed)
         cfg["output_dir"] = str(run_dir)
     resume = (f"classaware-prune run --resume {run_dir}" + (" --trust-checkpoint" if args.trust_checkpoint else "")
-              + (f" --nproc {args.nproc}" if parallel else ""))
+              + (f" --nproc {args.nproc}" if parallel else "")
+              + (f" --nproc {os.environ['WORLD_SIZE']}" if os.environ.get(launch.LAUNCHED) else ""))
     if parallel:
         import yaml
 
@@ -152,8 +153,9 @@ def _run(args: argparse.Namespace) -> int:
     except Exception as e:  # noqa: BLE001 - one line for the user; the traceback with --debug
         if args.debug:
             raise
-        print(f"error: {_one_line(e)}\nThe run stopped and keeps what it completed. After fixing the data or files, "
-              f"continue with: {resume} (a configuration mistake needs a new run: --force).", file=sys.stderr)
+        who = f"[rank {distributed.rank()}] " if distributed.is_distributed() else ""
+        print(f"{who}error: {_one_line(e)}\nThe run stopped and keeps what it completed. After fixing the data or "
+              f"files, continue with: {resume} (a configuration mistake needs a new run: --force).", file=sys.stderr)
         return 2 if isinstance(e, ClassAwareError) else 1
     if not distributed.is_main():
         return 0
