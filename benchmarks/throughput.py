@@ -65,17 +65,15 @@ def worker(models: list[str], device_spec: str, out: Path) -> None:
 
     from classaware_plugin.core import ClassDependentLoss, train
     from classaware_plugin.core.channels import ChannelFisher
-    from classaware_plugin.core.distributed import barrier, is_main, resolve_device, world_size
+    from classaware_plugin.core.distributed import barrier, init_from_env, is_main, resolve_device, world_size
     from classaware_plugin.models import build_model
 
     device = resolve_device(device_spec)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    else:
+    if device.type == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        init_from_env(device)
     rows = []
     for name in models:
         arch, shape, kw, stat_batches, train_batches = MODELS[name]

@@ -57,9 +57,7 @@ def join(cfg: dict[str, Any]) -> None:
     world = int(os.environ["WORLD_SIZE"])
     check_splittable(cfg, world)
     device = distributed.resolve_device(cfg["device"])
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    distributed.init_from_env(device)
     if not distributed.is_main():
         logging.getLogger().setLevel(logging.WARNING)
         logging.getLogger("classaware_plugin").setLevel(logging.WARNING)

@@ -108,6 +108,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+def init_from_env(device: torch.device) -> None:
+    """Join the process group that torchrun's environment describes (``MASTER_ADDR``, ``RANK``, ``WORLD_SIZE``...):
+    NCCL when ``device`` is a GPU (made this process's current device), gloo otherwise."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+
 def _comm_device() -> torch.device:
     """Where collectives run: the current GPU for NCCL, the CPU otherwise (gloo)."""
     if dist.get_backend() == "nccl":
