@@ -95,7 +95,7 @@ def _worker(rank: int, init: str, out: str) -> None:
 def ranks() -> list[dict]:
     with tempfile.TemporaryDirectory() as d:
         mp.spawn(_worker, args=(f"file://{d}/rendezvous", d), nprocs=WORLD, join=True)
-        return [torch.load(Path(d) / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
+        return [torch.load(Path(d) / f"rank{r}.pt", weights_only=True) for r in range(WORLD)]
 
 
 def _close(a: dict, b: dict, rtol: float = 1e-5) -> None:

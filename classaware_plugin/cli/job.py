@@ -68,6 +68,11 @@ def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
     return bundle, important
 
 
+def write_config(run_dir: Path, cfg: dict[str, Any]) -> None:
+    """``config.yaml``: the run's whole configuration, which ``--resume`` (and ``--nproc``'s processes) read back."""
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))
+
+
 def model_modules(cfg: dict[str, Any]) -> tuple[str, ...]:
     """The top-level package a ``package.module:callable`` model name imports (its classes may be loaded)."""
     name = cfg["model"]["name"]
@@ -275,7 +280,8 @@ class Job:
         """Data -> dense model -> dense metrics -> pruning -> calibration -> export -> report; every stage's result is
         on disk before the next begins, so ``--resume`` continues from the last one."""
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._write_text(self.dir / "config.yaml", yaml.safe_dump(self.cfg, sort_keys=False))
+        if self.main:
+            write_config(self.dir, self.cfg)
         t0 = time.time()
         bundle, important = load_data(self.cfg)
         dl = loaders(bundle, self.cfg)

@@ -137,11 +137,9 @@ def _run(args: argparse.Namespace) -> int:
               + (f" --nproc {args.nproc}" if parallel else "")
               + (f" --nproc {os.environ['WORLD_SIZE']}" if os.environ.get(launch.LAUNCHED) else ""))
     if parallel:
-        import yaml
+        from .job import write_config
 
-        from ..export import atomic_write_text
-
-        atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg, sort_keys=False))  # the processes resume it
+        write_config(run_dir, cfg)  # the processes resume it
         log.info("starting %d processes for %s", args.nproc, run_dir)
         flags = [f for f, on in (("--quiet", args.quiet), ("--trust-checkpoint", args.trust_checkpoint)) if on]
         return launch.launch(args.nproc, run_dir, flags, ["--debug"] if args.debug else [])

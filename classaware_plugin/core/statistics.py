@@ -198,12 +198,12 @@ class BucketStatistics:
         local = [self.sums_[b].get(by_name[m], {}).get(t, torch.zeros(shape, device=device,
                                                                        dtype=getattr(torch, dtype.split(".")[-1])))
                  for b, m, t, shape, dtype in layout]
-        counts = torch.tensor([self.counts_[b] for b in self.buckets] + [self.batches_], dtype=torch.float64)
+        counts = torch.tensor([self.counts_[b] for b in self.buckets] + [self.batches_])
         *summed, totals = distributed.all_reduce_sum([*local, counts])
         for (b, m, t, _, _), v in zip(layout, summed):
             self.sums_[b].setdefault(by_name[m], {})[t] = v
-        self.counts_ = {b: int(round(float(c))) for b, c in zip(self.buckets, totals[:-1])}
-        self.batches_ = int(round(float(totals[-1])))
+        *bucket_counts, self.batches_ = (int(c) for c in totals)
+        self.counts_ = dict(zip(self.buckets, bucket_counts))
         self.fingerprint_ = fingerprint(m for _, m in self.modules_)
 
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
