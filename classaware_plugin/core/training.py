@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import distributed
+from . import distributed, memory_format
 from .validation import (
     ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
 )
@@ -91,10 +91,11 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
     device = next(model.parameters()).device
     total, n = 0.0, 0
     try:
-        for x, y in loader:
-            x, y = x.to(device), y.to(device)
-            total += float(loss_fn(model(x), y)) * len(y)
-            n += len(y)
+        with memory_format.channels_last(model, loader) as fmt:
+            for x, y in loader:
+                x, y = fmt(x.to(device)), y.to(device)
+                total += float(loss_fn(model(x), y)) * len(y)
+                n += len(y)
     finally:
         model.train(was_training)
     total, n = (float(v) for v in distributed.all_reduce_sum([torch.tensor([total, float(n)])])[0])
@@ -125,6 +126,7 @@ def train(
     resume: dict[str, Any] | None = None,
     early_stopping: EarlyStopping | None = None,
     sync_batchnorm: bool = False,
+    channels_last: bool = True,
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
 
@@ -142,6 +144,9 @@ def train(
     trains through DistributedDataParallel (gradients averaged over ranks; ``sync_batchnorm``: BatchNorm statistics
     over the global batch, GPUs only), early stopping judges the loss over every rank's validation share, and the
     ranks end with identical weights and buffers.
+
+    ``channels_last``: a convolutional model trains in channels-last memory format when its forward accepts it
+    (:func:`~.memory_format.channels_last`); its weights are back in the default format when the call returns.
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
@@ -170,9 +175,10 @@ def train(
     start = done
     model.train()
     try:
-        # DistributedDataParallel under torch.distributed (the model itself otherwise); on a normal exit every rank
-        # takes rank 0's buffers.
-        with distributed.data_parallel(model, sync_batchnorm) as net:
+        # Channels-last where the model allows it; then DistributedDataParallel under torch.distributed (the model
+        # itself otherwise), on a normal exit every rank taking rank 0's buffers.
+        with memory_format.channels_last(model, loader, channels_last) as fmt, \
+                distributed.data_parallel(model, sync_batchnorm) as net:
             bar = progress_bar(range(done, total), desc=desc, total=total, initial=done, disable=not progress)
             it = iter(())
             running, seen = 0.0, 0
@@ -203,7 +209,7 @@ def train(
                     it = iter(loader)
                     x, y = next(it)
                 check_batch(done + 1, x, y, what="training step")
-                x, y = x.to(device), y.to(device)
+                x, y = fmt(x.to(device)), y.to(device)
                 opt.zero_grad(set_to_none=True)
                 loss = loss_fn(net(x), y)
                 value = float(loss.detach())
@@ -231,6 +237,7 @@ def train(
             masks.detach_all()
         model.eval()
     return losses
+
 
 
 def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, sched: Any,
