@@ -79,7 +79,7 @@ def test_models_without_2d_convolutions_are_left_alone(batch):
 
 def test_prediction_and_validation_loss_run_channels_last_and_equal_the_default_format():
     torch.manual_seed(0)
-    model, data = ConvNet().eval(), loader()
+    model, data = ConvNet().eval(), DataLoader(loader().dataset, batch_size=16)
     labels, logits = predict(model, data)
     loss = validation_loss(model, data, nn.functional.cross_entropy)
     assert len(model.eval_formats) > 2 and all(model.eval_formats[1:])  # [0]: the format probe's own forward
