@@ -44,6 +44,13 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS) -> Path:
     return root
 
 
+def _commit() -> str | None:
+    """The code measured: the repository's HEAD commit (None outside a git checkout)."""
+    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent)
+    return proc.stdout.strip() or None
+
+
 def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list[dict[str, Any]]:
     """Time the job per backend (``nproc`` > 1: ``classaware-prune run --nproc``); rows already measured are kept."""
     path = out / "jobtime.json"
@@ -67,7 +74,7 @@ def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list
             report = json.loads(Path(f"{tmp}/run/report.json").read_text())
         d, p = report["dense"], report["pruned"]
         shirt = str(report["constraint"]["important_classes"][0])
-        row = {"backend": backend, "processes": nproc, "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
+        row = {"backend": backend, "processes": nproc, "commit": _commit(), "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
                "stop_reason": report["stop_reason"], "macs_reduction": d["macs"] / p["macs"],
                "attempts": len(report["history"]), "dense_accuracy": d["accuracy"], "pruned_accuracy": p["accuracy"],
                "dense_fn": d["fn"][shirt], "pruned_fn": p["fn"][shirt], "speed": report["speed"]}
@@ -76,12 +83,12 @@ def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list
         atomic_write_text(path, json.dumps({"rows": rows}, indent=1))
     lines = ["# Wall time of `classaware-prune run` on a 10,000-image ImageFolder (28x28 PNG, 2 cores)", "",
              "`python -m benchmarks jobtime` (benchmarks/jobtime.py); default settings, Shirt important.", "",
-             "`--nproc 2`: the same job in 2 processes (torch.distributed, 1 thread each).", "",
+             "`--nproc 2`: the same job in 2 processes (torch.distributed, 1 thread each). Commit: the code measured.", "",
              "| backend | processes | wall time | stop reason | attempts | MACs reduction | accuracy dense -> pruned | Shirt FN (test) "
-             "dense -> pruned | onnxruntime speed-up (b64) |", "|---|---:|---:|---|---:|---:|---|---|---:|"]
+             "dense -> pruned | onnxruntime speed-up (b64) | commit |", "|---|---:|---:|---|---:|---:|---|---|---:|---|"]
     for r in rows:
         lines.append(f"| {r['backend']} | {r.get('processes', 1)} | {r['wall_s'] / 60:.1f} min | {r['stop_reason']} | {r['attempts']} | "
                      f"{r['macs_reduction']:.2f}x | {r['dense_accuracy']:.3f} -> {r['pruned_accuracy']:.3f} | "
-                     f"{r['dense_fn']} -> {r['pruned_fn']} | {r['speed']['onnxruntime']['speedup']:.2f}x |")
+                     f"{r['dense_fn']} -> {r['pruned_fn']} | {r['speed']['onnxruntime']['speedup']:.2f}x | {r.get('commit') or '-'} |")
     atomic_write_text(out / "jobtime.md", "\n".join(lines) + "\n")
     return rows
