@@ -46,8 +46,11 @@ def make_image_folder(root: Path, per_class: int = PER_CLASS) -> Path:
 
 def _commit() -> str | None:
     """The code measured: the repository's HEAD commit (None outside a git checkout)."""
-    proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent)
+    try:
+        proc = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent)
+    except OSError:  # no git on the machine
+        return None
     return proc.stdout.strip() or None
 
 
