@@ -1,4 +1,4 @@
-"""Memory format: convolutional models train, validate and predict channels-last when their forward allows it."""
+"""Memory format: convolutional models train channels-last when their forward allows it."""
 from __future__ import annotations
 
 import copy
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from classaware_plugin.core import predict, train, validation_loss
+from classaware_plugin.core import train
 
 
 class ConvNet(nn.Module):
@@ -76,18 +76,3 @@ def test_models_without_2d_convolutions_are_left_alone(batch):
     train(model, data, nn.functional.cross_entropy, epochs=1, progress=False)
     assert all(p.is_contiguous() for p in model.parameters())
 
-
-def test_prediction_and_validation_loss_run_channels_last_and_equal_the_default_format():
-    torch.manual_seed(0)
-    model, data = ConvNet().eval(), DataLoader(loader().dataset, batch_size=16)
-    labels, logits = predict(model, data)
-    loss = validation_loss(model, data, nn.functional.cross_entropy)
-    assert len(model.eval_formats) > 2 and all(model.eval_formats[1:])  # [0]: the format probe's own forward
-    assert all(p.is_contiguous() for p in model.parameters())
-    reference = ConvNet(flatten_by_view=True)  # same weights, default format throughout
-    reference.load_state_dict(model.state_dict())
-    ref_labels, ref_logits = predict(reference.eval(), data)
-    assert not any(reference.eval_formats[1:])  # [0]: the probe, which its .view refused
-    assert (labels == ref_labels).all()
-    torch.testing.assert_close(torch.from_numpy(logits), torch.from_numpy(ref_logits), rtol=1e-5, atol=1e-5)
-    assert validation_loss(reference, data, nn.functional.cross_entropy) == pytest.approx(loss, rel=1e-5)

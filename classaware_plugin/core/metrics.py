@@ -12,7 +12,7 @@ import torch
 from sklearn.metrics import accuracy_score, average_precision_score, confusion_matrix, recall_score, roc_auc_score, roc_curve
 from torch import nn
 
-from . import distributed, memory_format
+from . import distributed
 from .validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
 
 
@@ -186,12 +186,11 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
     device = next(model.parameters()).device
     ys, outs = [], []
     try:
-        with memory_format.channels_last(model, loader) as fmt:
-            for i, batch in enumerate(loader, start=1):
-                x, y = batch[0], batch[1]
-                check_batch(i, x, y)
-                outs.append(run_model(model, fmt(x.to(device)), i).float().cpu())
-                ys.append(y.cpu())
+        for i, batch in enumerate(loader, start=1):
+            x, y = batch[0], batch[1]
+            check_batch(i, x, y)
+            outs.append(run_model(model, x.to(device), i).float().cpu())
+            ys.append(y.cpu())
     finally:
         model.train(was_training)
     if not ys:

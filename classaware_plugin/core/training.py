@@ -91,11 +91,10 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
     device = next(model.parameters()).device
     total, n = 0.0, 0
     try:
-        with memory_format.channels_last(model, loader) as fmt:
-            for x, y in loader:
-                x, y = fmt(x.to(device)), y.to(device)
-                total += float(loss_fn(model(x), y)) * len(y)
-                n += len(y)
+        for x, y in loader:
+            x, y = x.to(device), y.to(device)
+            total += float(loss_fn(model(x), y)) * len(y)
+            n += len(y)
     finally:
         model.train(was_training)
     total, n = (float(v) for v in distributed.all_reduce_sum([torch.tensor([total, float(n)])])[0])
