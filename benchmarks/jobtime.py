@@ -86,7 +86,7 @@ def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list
         atomic_write_text(path, json.dumps({"rows": rows}, indent=1))
     lines = ["# Wall time of `classaware-prune run` on a 10,000-image ImageFolder (28x28 PNG, 2 cores)", "",
              "`python -m benchmarks jobtime` (benchmarks/jobtime.py); default settings, Shirt important.", "",
-             "`--nproc 2`: the same job in 2 processes (torch.distributed, 1 thread each). Commit: the code measured.", "",
+             "`--nproc 2`: the same job in 2 processes (torch.distributed, 1 thread each). Commit: the code measured (-: rows from before it was recorded).", "",
              "| backend | processes | wall time | stop reason | attempts | MACs reduction | accuracy dense -> pruned | Shirt FN (test) "
              "dense -> pruned | onnxruntime speed-up (b64) | commit |", "|---|---:|---:|---|---:|---:|---|---|---:|---|"]
     for r in rows:
