@@ -201,9 +201,11 @@ def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_mod
 
     model, result = prune_with_fn_constraint(
         model, ex, train_dl, val_dl, [3], target_macs_reduction=6.0, constraint=constraint, step=0.3,
-        finetune_epochs=1.0, lr=1e-3, max_halvings=2, max_steps=8, on_record=remember,
+        finetune_epochs=2.0, lr=1e-3, max_halvings=2, max_steps=8, on_record=remember,
         round_to=None,  # steps of any size: blocks of 8 channels of a width-16 net are too coarse to be accepted
     )
+    # Which steps pass a zero-tolerance rule is chaotic in the numerics (one epoch of fine-tuning accepted a step at
+    # the default memory format and none channels-last); two epochs give the accept this test needs in either.
     decisions = [r.decision for r in result.history]
     assert any(d in ("retry", "stop") for d in decisions), decisions  # a rollback happened
     final_val = evaluate(model, val_dl, [3])
