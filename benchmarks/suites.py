@@ -115,6 +115,23 @@ SUITES["cancer_protocol"] = Suite(
     SCORE_VARIANTS + ("so_magnitude",), (0, 1, 2, 3, 4), dense_epochs=60, finetune_epochs=10, lr=3e-3,
     batch_size=32, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=1e-3,
     finetune_schedule="cosine")
+# Issue 10's remaining levels: unstructured ResNet-8 at 90/95/98% (the same dense models as digits_protocol: the
+# dense settings are identical, so the cache is shared), and MobileNetV2 at 2x/3x MACs. Two fine-tuning epochs per
+# step for the unstructured suite: digits has 1.2k training images (19 batches an epoch), and with one epoch per step
+# the old digits_unstructured suite fell to 42-74% accuracy at 95-98%, where FN says little. MobileNetV2 (width 0.5,
+# 30 dense epochs: 94% test accuracy) recovers far less per fine-tuning step than ResNet-8: with ResNet-8's 1 epoch
+# at 5e-4 per step it fell to 37% / 22% accuracy at 2x / 3x (TP magnitude, seed 0), with 10 epochs 78% / 67%, with 3
+# epochs at 2e-3 84% / 73% (Fisher 92% / 84%); the last is used (a fine-tuning budget that leaves a usable model).
+SUITES["digits_unstructured_protocol"] = Suite(
+    "digits_unstructured_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "unstructured", (0.9, 0.95, 0.98),
+    SCORE_VARIANTS + ("so_magnitude",), (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=2.0,
+    batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
+    finetune_schedule="cosine")
+SUITES["digits_mobilenet_protocol"] = Suite(
+    "digits_mobilenet_protocol", DIGITS, "mobilenet_v2", {"width_mult": 0.5}, "structured", (2.0, 3.0),
+    ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours"), (0, 1, 2, 3, 4), dense_epochs=30,
+    finetune_epochs=3.0, batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4,
+    finetune_lr=2e-3, finetune_schedule="cosine")
 
 QUICK = {
     "digits_protocol": dict(levels=(2.0,), seeds=(0,)),
@@ -122,5 +139,6 @@ QUICK = {
     "cancer_unstructured": dict(levels=(0.9, 0.98), seeds=(0,)),
     "digits_unstructured": dict(levels=(0.9,), seeds=(0,), methods=("ours_taylor", "magnitude", "snip")),
 }
-FULL = ("fashion_protocol", "digits_protocol", "cancer_protocol", "fashion_structured", "fashion_mobilenet", "nni_fashion",
+FULL = ("fashion_protocol", "digits_protocol", "cancer_protocol", "digits_unstructured_protocol",
+        "digits_mobilenet_protocol", "fashion_structured", "fashion_mobilenet", "nni_fashion",
         "fashion_ablation", "digits_ablation", "cancer_unstructured", "digits_structured", "digits_unstructured")
