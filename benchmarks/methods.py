@@ -92,7 +92,9 @@ def _run(ctx: Context, backend: Any, level: float, key: str, step: float, fn_rul
 def _finish(ctx: Context, model: nn.Module, res: Any) -> tuple[nn.Module, dict[str, Any]]:
     make_permanent(model)
     return model, {"stop_reason": res.stop_reason, "attempts": len(res.history),
-                   "reached": res.measure.get("macs_reduction", res.measure.get("sparsity"))}
+                   "reached": res.measure.get("macs_reduction", res.measure.get("sparsity")),
+                   # why each rejected attempt was rejected (the FN budget, the accuracy guard or both)
+                   "rejections": [r.violations for r in res.history if not r.compliant]}
 
 
 def calibrate_to_dense(ctx: Context, model: nn.Module) -> dict[str, Any]:
