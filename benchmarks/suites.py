@@ -129,7 +129,7 @@ SUITES["digits_unstructured_protocol"] = Suite(
     finetune_schedule="cosine")
 SUITES["digits_mobilenet_protocol"] = Suite(
     "digits_mobilenet_protocol", DIGITS, "mobilenet_v2", {"width_mult": 0.5}, "structured", (2.0, 3.0),
-    ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours"), (0, 1, 2, 3, 4), dense_epochs=30,
+    ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_ours_ce"), (0, 1, 2, 3, 4), dense_epochs=30,
     finetune_epochs=3.0, batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4,
     finetune_lr=2e-3, finetune_schedule="cosine")
 
