@@ -119,9 +119,10 @@ SUITES["cancer_protocol"] = Suite(
 # dense settings are identical, so the cache is shared), and MobileNetV2 at 2x/3x MACs. Two fine-tuning epochs per
 # step for the unstructured suite: digits has 1.2k training images (19 batches an epoch), and with one epoch per step
 # the old digits_unstructured suite fell to 42-74% accuracy at 95-98%, where FN says little. MobileNetV2 (width 0.5,
-# 30 dense epochs: 94.2% test accuracy on seed 0) recovers far less per fine-tuning step than ResNet-8: with ResNet-8's 1 epoch
-# at 5e-4 per step it fell to 37% / 22% accuracy at 2x / 3x (TP magnitude, seed 0), with 10 epochs 78% / 67%, with 3
-# epochs at 2e-3 84% / 73% (Fisher 92% / 84%); the last is used (a fine-tuning budget that leaves a usable model).
+# 30 dense epochs: 94.2% test accuracy on seed 0) recovers far less per fine-tuning step than ResNet-8: with
+# ResNet-8's 1 epoch at 5e-4 per step it fell to 37% / 22% accuracy at 2x / 3x (TP magnitude, seed 0), with 10
+# epochs 78% / 67%, with 3 epochs at 2e-3 84% / 73% (Fisher 92% / 84%); the last is used (a fine-tuning budget that
+# leaves a usable model).
 SUITES["digits_unstructured_protocol"] = Suite(
     "digits_unstructured_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "unstructured", (0.9, 0.95, 0.98),
     SCORE_VARIANTS + ("so_magnitude",), (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=2.0,
