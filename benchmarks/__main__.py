@@ -44,7 +44,7 @@ def main() -> None:
     sc.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     sp = sub.add_parser("speed", help="dense vs pruned latency, with and without channel rounding (results/speed.md)")
     sp.add_argument("--out", type=Path)
-    sp.add_argument("--models", nargs="*", choices=["resnet18", "mobilenet_v2", "resnet8"], metavar="MODEL")
+    sp.add_argument("--models", nargs="*", choices=["resnet18", "mobilenet_v2", "resnet8", "resnet8_w32"], metavar="MODEL")
     sp.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     jt = sub.add_parser("jobtime", help="wall time of classaware-prune run on a 10k-image ImageFolder (results/jobtime.md)")
     jt.add_argument("--out", type=Path)

@@ -18,6 +18,7 @@ from torch import nn
 
 from classaware_plugin.core import (
     ClassDependentLoss,
+    Distillation,
     FNConstrainedPruning,
     FNConstraint,
     RewindSnapshot,
@@ -57,8 +58,12 @@ class Context:
             return nn.CrossEntropyLoss()
         return ClassDependentLoss(self.important, class_counts=self.train_counts, rank_weight=self.suite.rank_weight)
 
-    def finetuner(self, epochs: float, class_dependent: bool = True, after: Callable[[nn.Module], None] | None = None):
+    def finetuner(self, epochs: float, class_dependent: bool = True, after: Callable[[nn.Module], None] | None = None,
+                  distill: float = 0.0):
+        """Fine-tuning for ``epochs`` with the chosen loss; ``distill`` > 0 blends in distillation from the dense
+        model (:class:`~classaware_plugin.core.Distillation`, that weight, temperature 4)."""
         loss = self.loss(class_dependent)
+        distillation = Distillation(self.dense, weight=distill) if distill else None
         counter = {"k": 0}
         lr = self.suite.finetune_lr if self.suite.finetune_lr is not None else self.suite.lr / 2
 
@@ -69,7 +74,7 @@ class Context:
             if after is not None:
                 after(m)
             train(m, self.loaders["train"], loss, epochs=epochs, lr=lr, schedule=self.suite.finetune_schedule,
-                  weight_decay=self.suite.weight_decay, progress=False)
+                  weight_decay=self.suite.weight_decay, progress=False, distillation=distillation)
 
         return finetune
 
@@ -122,10 +127,11 @@ def calibrated(base: str, table: dict[str, Callable[..., Any]]):
 
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
 def structured(score: str, fn_rule: bool, importance: str = "ours", class_dependent: bool = True,
-               calibration: bool = False, operating_point: str = "argmax", **imp_kwargs: Any):
+               calibration: bool = False, operating_point: str = "argmax", distill: float = 0.0, **imp_kwargs: Any):
     """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
-    TP estimator or ours; ``class_dependent`` picks the fine-tuning loss, ``fn_rule`` the FN-constrained stop (judged
-    at ``operating_point``), ``calibration`` decision calibration at the end."""
+    TP estimator or ours; ``class_dependent`` picks the fine-tuning loss (``distill``: blended with distillation from
+    the dense model), ``fn_rule`` the FN-constrained stop (judged at ``operating_point``), ``calibration`` decision
+    calibration at the end."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
@@ -141,7 +147,8 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                 imp.set_rewind_point(init)  # first step: w_0 = initialisation, as in the paper
         backend = TorchPruningBackend(model, torch.zeros(2, *ctx.input_shape), imp, ctx.loaders["val"], ctx.important,
                       calib_loader=ctx.loaders["calib"],
-                      finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent),
+                      finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent,
+                                             distill=distill),
                       round_to=None)  # the committed protocol results compare scores at unrounded channel counts
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule, operating_point=operating_point)
         model, info = _finish(ctx, model, res)
@@ -354,6 +361,12 @@ PROTOCOL = {
     "pl_ours_calibrated": structured("fisher", True, class_dependent=True, calibration=True,
                                      operating_point="calibrated"),
     "pl_ours_ce": structured("fisher", True, class_dependent=False, calibration=True, operating_point="calibrated"),
+    # fine-tuning that also distils the dense model (half cross-entropy, half the soft term at temperature 4): does
+    # pulling the pruned model's outputs towards the dense one's keep the important class's FN at the dense FPR? The
+    # same fine-tuning under TP's Taylor estimator without the FN rule says how much of it is the distillation alone.
+    "pl_ours_kd": structured("fisher", True, class_dependent=False, calibration=True, operating_point="calibrated",
+                             distill=0.5),
+    "so_tp_taylor_kd": structured("", False, importance="tp_taylor", class_dependent=False, distill=0.5),
     "fb_fisher": structured("fisher", True, class_dependent=False),
     "fb_tp_taylor": structured("", True, importance="tp_taylor", class_dependent=False),
     "fb_tp_magnitude": structured("", True, importance="tp_magnitude", class_dependent=False),
@@ -364,7 +377,7 @@ NNI_METHODS.update({
     "pl_nni_taylor": nni_one_shot("TaylorPruner", class_dependent=False),
 })
 CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_fisher_omega4", "so_taylor_signed", "pl_ours",
-                    "pl_ours_calibrated", "pl_ours_ce",
+                    "pl_ours_calibrated", "pl_ours_ce", "pl_ours_kd",
                     "fb_fisher"})
 # The same score-only comparison for unstructured pruning (cross-entropy fine-tuning for every score).
 UNSTRUCTURED.update({

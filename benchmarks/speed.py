@@ -31,7 +31,10 @@ log = logging.getLogger("benchmarks")
 MODELS: dict[str, tuple[Any, tuple[int, int, int]]] = {
     "resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (3, 64, 64)),
     "mobilenet_v2": (lambda: torchvision.models.mobilenet_v2(num_classes=10), (3, 64, 64)),
+    # the benchmark suites' ResNet-8 (stages of 16/32/64 channels) and the one classaware-prune builds by default
+    # (cli/default.yaml: width 32, stages of 32/64/128)
     "resnet8": (lambda: build_model("cifar_resnet", 10, (1, 28, 28), depth=8, width=16), (1, 28, 28)),
+    "resnet8_w32": (lambda: build_model("cifar_resnet", 10, (1, 28, 28), depth=8, width=32), (1, 28, 28)),
 }
 TARGETS = (2.0, 3.0)
 ROUND_TO = (None, 4, 8, 16)

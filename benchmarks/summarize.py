@@ -52,7 +52,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
         for f in FIELDS:
             d[f"{f}_mean"], d[f"{f}_std"] = _mean_std([r.get(f) for r in rs])
         dense_summary[suite] = d
-    paired(summary_rows, groups)
+    paired(summary_rows, groups, dense)
     summary = {"rows": summary_rows, "dense": dense_summary}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     (out / "tables.md").write_text(tables(summary))
@@ -76,10 +76,16 @@ def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict[st
             "ratio": float(np.mean([ours[k] for k in seeds]) / mean_base) if mean_base else None}
 
 
-def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]]) -> None:
+def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str, Any]]],
+           dense: dict[str, list[dict[str, Any]]] | None = None) -> None:
     """Issue 10's two comparisons: for our method of each comparison, the paired difference of FN at the dense
     model's FPR to the class-agnostic method with the lowest mean (the baseline), per suite and level. Stored as
-    ``paired`` on our row; also the same against every other baseline (``paired_all``)."""
+    ``paired`` on our row; also the same against every other baseline (``paired_all``).
+
+    Where the dense models' own test FN at their FPR is known (``dense``: the suite's dense rows), ``paired`` also
+    holds it over the same seeds (``dense``), the ratio a pruned model that kept exactly the dense FN would score
+    (``floor_ratio`` = dense / baseline) and the share of the FN that pruning added which ours still adds
+    (``excess_ratio`` = (ours - dense) / (baseline - dense); None when the baseline adds none)."""
     from .suites import COMPARISONS
 
     per_seed: dict[tuple, dict[int, float]] = {}
@@ -98,6 +104,13 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
                 continue
             best = min(here, key=lambda b: np.mean(list(here[b].values())))
             row["paired"] = {"baseline": best, **(paired_difference(mine, here[best]) or {})}
+            own = {r["seed"]: r["fn_at_dense_fpr"] for r in (dense or {}).get(row["suite"], [])
+                   if r.get("fn_at_dense_fpr") is not None}
+            seeds = sorted(set(own) & set(mine) & set(here[best]))
+            if seeds:
+                d, o, b = (float(np.mean([v[k] for k in seeds])) for v in (own, mine, here[best]))
+                row["paired"].update({"dense": d, "floor_ratio": d / b if b else None,
+                                      "excess_ratio": (o - d) / (b - d) if b > d else None})
             row["paired_all"] = {b: paired_difference(mine, v) for b, v in here.items()}
 
 
@@ -143,10 +156,13 @@ WITH_RULE = "ours_taylor_fn"
 
 def comparisons(summary: dict[str, Any]) -> str:
     """Issue 10's table: our method of each comparison against the best class-agnostic method, FN at the dense
-    model's FPR (test, threshold from validation), paired over seeds."""
+    model's FPR (test, threshold from validation), paired over seeds; beside it the dense models' own FN at their
+    FPR (what a pruned model that lost nothing would score; floor ratio = dense / baseline) and the excess ratio
+    (ours - dense) / (baseline - dense)."""
     out = ["| suite | comparison | level | ours: FN at dense FPR | baseline: method, FN at dense FPR | paired diff (95% CI) "
-           "| ratio | FN at argmax ours / baseline | accuracy % ours / baseline | AUC ours / baseline | reached ours |",
-           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
+           "| ratio | dense: FN at its FPR (floor ratio) | excess ratio | FN at argmax ours / baseline | accuracy % ours / "
+           "baseline | AUC ours / baseline | reached ours |",
+           "|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     rows = {(r["suite"], r["level"], r["method"]): r for r in summary["rows"]}
     for r in summary["rows"]:
         p = r.get("paired")
@@ -157,7 +173,8 @@ def comparisons(summary: dict[str, Any]) -> str:
             f"| {r['suite']} | {r['comparison']} | {r['level']} | {_f(r['fn_at_dense_fpr_mean'])} ± "
             f"{_f(r['fn_at_dense_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_dense_fpr_mean'])} ± "
             f"{_f(b['fn_at_dense_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
-            f"{p['ratio']:.3f} | {_f(r['fn_mean'])} / {_f(b['fn_mean'])} | {_f(100 * r['accuracy_mean'])} / "
+            f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} | "
+            f"{_f(r['fn_mean'])} / {_f(b['fn_mean'])} | {_f(100 * r['accuracy_mean'])} / "
             f"{_f(100 * b['accuracy_mean'])} | {_f(r['auc_mean'], 4)} / {_f(b['auc_mean'], 4)} | {_f(r['reached_mean'], 2)} |"
         )
     return "\n".join(out) + "\n"

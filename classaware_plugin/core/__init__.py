@@ -27,10 +27,10 @@ from .progress import set_quiet
 from .channels import ChannelFisher, ChannelScores
 from .statistics import ClassSaliency, ScoreMap, StaleStatisticsError, WeightStatistics
 from .scores import DEFAULT_SCORE, Score, available_scores, make_score, reduce_to_channels, register_score, score_options
-from .training import EarlyStopping, train, validation_loss
+from .training import Distillation, EarlyStopping, train, validation_loss
 
 __all__ = [
-    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "EarlyStopping", "Evaluation",
+    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "Distillation", "EarlyStopping", "Evaluation",
     "DECISIONS", "Decision", "FNConstrainedPruning", "FNConstraint", "MaskSet", "ModelBackend", "STOP_REASONS", "StopReason", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
     "RanksDivergedError", "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
     "OperatingPoint", "evaluate", "evaluate_predictions", "fn_at_fpr", "fpr_of", "find_logit_shifts", "make_class_weights", "make_score", "predict",

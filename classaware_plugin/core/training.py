@@ -9,11 +9,12 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import distributed, memory_format
 from .validation import (
-    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
+    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_number, check_params,
 )
 from .controller import NonFiniteLossError
 from .lottery import MaskSet
@@ -28,6 +29,46 @@ TRAIN_PARAMETERS: dict[str, Constraint] = {
     "schedule": Options(SCHEDULES),
 }
 """The constraints of :func:`train`'s settings (the CLI checks its training keys against them)."""
+
+
+class Distillation:
+    """Knowledge distillation from a fixed teacher (Hinton, Vinyals & Dean, 2015), for fine-tuning a pruned model
+    towards the dense one it came from.
+
+    With it, :func:`train` minimises ``(1 - weight) * loss_fn(z_s, y) + weight * T^2 * KL(p_t || p_s)``, where
+    ``p = softmax(z / T)`` of the teacher's and the student's logits on the same batch (``T^2`` keeps the soft term's
+    gradients on the scale of the hard one's). The teacher runs in eval mode without gradients; its weights are never
+    changed. Early stopping still judges ``loss_fn`` alone.
+
+    >>> Distillation(nn.Linear(2, 2), weight=1.5)
+    Traceback (most recent call last):
+    ...
+    classaware_plugin.core.validation.ClassAwareError: The 'weight' parameter must be a number in the range [0.0, 1.0]. Got 1.5 instead.
+    """
+
+    def __init__(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0) -> None:
+        check_number("weight", weight, low=0.0, high=1.0)
+        check_number("temperature", temperature, low=0.0, low_open=True)
+        self.teacher, self.weight, self.temperature = teacher, float(weight), float(temperature)
+
+    def soft_loss(self, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``T^2 * KL(p_teacher || p_student)`` over the batch ``x`` (mean over samples)."""
+        was_training = self.teacher.training
+        self.teacher.eval()
+        try:
+            with torch.no_grad():
+                teacher_logits = self.teacher(x)
+        finally:
+            self.teacher.train(was_training)
+        t = self.temperature
+        return F.kl_div(F.log_softmax(student_logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1),
+                        reduction="batchmean", log_target=True) * t * t
+
+    def __call__(self, loss: torch.Tensor, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The training loss: ``loss`` (the task loss of the batch) blended with the soft term."""
+        if self.weight == 0.0:
+            return loss
+        return (1.0 - self.weight) * loss + self.weight * self.soft_loss(student_logits, x)
 
 
 class EarlyStopping:
@@ -126,6 +167,7 @@ def train(
     early_stopping: EarlyStopping | None = None,
     sync_batchnorm: bool = False,
     channels_last: bool = True,
+    distillation: Distillation | None = None,
 ) -> list[float]:
     """Train ``model`` for ``epochs`` (a fraction runs part of an epoch); return the mean loss per epoch.
 
@@ -146,6 +188,8 @@ def train(
 
     ``channels_last``: a convolutional model trains in channels-last memory format when its forward accepts it
     (:func:`~.memory_format.channels_last`); its weights are back in the default format when the call returns.
+
+    ``distillation``: the training loss also pulls the model's outputs towards a teacher's (:class:`Distillation`).
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
@@ -210,7 +254,10 @@ def train(
                 check_batch(done + 1, x, y, what="training step")
                 x, y = fmt(x.to(device)), y.to(device)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(net(x), y)
+                out = net(x)
+                loss = loss_fn(out, y)
+                if distillation is not None:
+                    loss = distillation(loss, out, x)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise NonFiniteLossError(f"The training loss became {value} at step {done + 1} of {total}.")
