@@ -1,4 +1,4 @@
-"""python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency [--suite NAME ...]
+"""python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency|rescore [--suite NAME ...]
 [--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
 python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...];
 python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda]"""
@@ -34,6 +34,9 @@ def main() -> None:
     r.add_argument("--levels", type=float, nargs="*", help="only these levels of each suite")
     r.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's); two runs with 1 thread each use 2 "
                    "cores better than one with 2 for these small models")
+    rs = sub.add_parser("rescore", help="add FN at the dense FPR read on the test ROC to rows whose model is kept")
+    rs.add_argument("--suite", nargs="*", choices=suites, metavar="SUITE", help="suite names (default: all)")
+    rs.add_argument("--out", type=Path)
     lat = sub.add_parser("latency", help="re-measure every row's latency from its cached model, alone on the machine")
     lat.add_argument("--suite", nargs="*", choices=suites, metavar="SUITE", help="suite names (default: every suite in raw.jsonl)")
     lat.add_argument("--out", type=Path)
@@ -60,7 +63,7 @@ def main() -> None:
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    from .harness import RESULTS, remeasure_latency, run
+    from .harness import RESULTS, remeasure_latency, rescore, run
     from .summarize import summarize
 
     out = args.out or (RESULTS / "quick" if getattr(args, "quick", False) else RESULTS)
@@ -100,6 +103,9 @@ def main() -> None:
 
         run_throughput(out, tuple(args.nproc), tuple(args.models or TP_MODELS), args.device)
         return
+    elif args.cmd == "rescore":
+        n = rescore(args.suite, out)
+        logging.getLogger("benchmarks").info("FN at the dense FPR on the test ROC added to %d rows", n)
     elif args.cmd == "latency":
         t = time.time()
         n = remeasure_latency(args.suite, out)

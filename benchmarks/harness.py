@@ -102,9 +102,45 @@ def measure(model: nn.Module, ctx: Context, unstructured: bool, dense_macs: int)
         "fn": ev.fn[c], "fn_rate": ev.fn[c] / max(ev.support[c], 1), "fp": ev.fp[c], "accuracy": ev.accuracy,
         "auc": ev.auc[c], "ap": ev.ap[c], "params": params - zeros if unstructured else params,
         "fn_at_dense_fpr": op.test_fn, "fpr_at_dense_fpr": op.test_fpr, "dense_val_fpr": ctx.dense_fpr,
+        "fn_at_test_fpr": fn_at_test_fpr(test, c, ctx.dense_fpr),
         "macs": macs if not unstructured else dense_macs,
     }
     return {**row, **latencies(model, ctx.input_shape)}
+
+
+def fn_at_test_fpr(test: tuple[Any, Any], c: int, fpr: float) -> int:
+    """FN of class ``c`` at FPR ``fpr`` read on the test ROC curve (the threshold chosen on test itself): a point of
+    the curve, as AUC is its area; no decision uses it."""
+    return fn_at_fpr(test, test, c, fpr).test_fn
+
+
+def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
+    """Add ``fn_at_test_fpr`` to every raw row of the named suites (default: all) that lacks it and whose model is
+    kept (cached dense models, pruned models in ``models/``), and rewrite raw.jsonl atomically. Do not run it while
+    a suite is appending rows. Returns the number of rows completed."""
+    raw = out / "raw.jsonl"
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    loaders: dict[tuple[str, int], Any] = {}
+    done = 0
+    for r in progress_bar(rows, desc="rescore"):
+        suite = SUITES.get(r["suite"])
+        if (names and r["suite"] not in names) or suite is None or "fn_at_test_fpr" in r or "dense_val_fpr" not in r:
+            continue
+        if r["method"] == "dense":
+            path = _dense_path(suite, r["seed"])
+            model = load_object(path, what="cached dense model")["model"] if path.exists() else None
+        else:
+            path = model_path(out, r["suite"], r["method"], r["level"], r["seed"])
+            model = load_model(path) if path.exists() else None
+        if model is None:
+            continue
+        if (suite.name, r["seed"]) not in loaders:
+            loaders[(suite.name, r["seed"])] = _data(suite, r["seed"])[1]
+        test = predict(model.eval(), loaders[(suite.name, r["seed"])]["test"])
+        r["fn_at_test_fpr"] = fn_at_test_fpr(test, suite.data.important[0], r["dense_val_fpr"])
+        done += 1
+    atomic_write_text(raw, "".join(json.dumps(r) + "\n" for r in rows))
+    return done
 
 
 def latencies(model: nn.Module, input_shape: tuple[int, ...]) -> dict[str, float]:

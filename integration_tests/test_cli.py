@@ -337,6 +337,19 @@ def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granulari
     assert report["constraint"]["satisfied"] is True and len(report["history"]) >= 1
 
 
+
+def test_distillation_from_the_dense_model_runs_in_fine_tuning(tmp_path, monkeypatch):
+    from classaware_plugin.core.training import Distillation
+
+    calls = []
+    soft_loss = Distillation.soft_loss
+    monkeypatch.setattr(Distillation, "soft_loss", lambda self, *a: calls.append(self.weight) or soft_loss(self, *a))
+    out = tmp_path / "kd"
+    sets = [*FAST, "pruning.distill=0.5", "pruning.max_steps=2", "export.onnx=false"]
+    assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 0
+    assert calls and set(calls) == {0.5}  # every fine-tuning batch of every attempt, none in dense training
+    assert yaml.safe_load((out / "config.yaml").read_text())["pruning"]["distill"] == 0.5
+
 @pytest.fixture(scope="module")
 def untouched_run(tmp_path_factory):
     """The README's first command: no configuration at all (about 50 s)."""

@@ -62,6 +62,7 @@ CONFIG = [  # (--set override, a piece of the message: the value or the key it n
     ("pruning.step", "pruning.step"), ("data=5", "5"), ("pruning.round_to=0", "0"),
     ("pruning.target_latency_reduction=0.5", "0.5"), ("pruning.latency_runtime=tensorrt", "tensorrt"),
     ("pruning.latency_batch_size=0", "0"), ("training.patience=0", "0"), ("pruning.finetune_patience=1.5", "1.5"),
+    ("pruning.distill=1.5", "1.5"), ("pruning.distill_temperature=0", "distill_temperature"),
 ]
 
 

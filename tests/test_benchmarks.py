@@ -86,3 +86,23 @@ def test_duplicate_rows_of_concurrent_processes_count_once(tmp_path):
     (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     summary = summarize(tmp_path)
     assert summary["dense"]["s"]["seeds"] == 2 and summary["dense"]["s"]["fn_mean"] == 15.0
+
+
+def test_test_roc_comparison_reports_the_dense_floor_and_excess_ratio(tmp_path):
+    """The second metric (FN at the dense FPR read on the test ROC) is paired on its own: its baseline is the
+    class-agnostic method with the lowest mean of *that* metric, and the dense models' own value gives the floor."""
+    rows = [{"suite": "s", "dataset": "d", "model": "m", "regime": "structured", "method": "dense", "level": 0.0,
+             "seed": seed, "class_aware": None, "fn": 20, "fp": 1, "accuracy": 0.9, "auc": 0.9, "ap": 0.5, "params": 1,
+             "macs": 1, "fn_at_dense_fpr": 9, "fn_at_test_fpr": 8} for seed in (0, 1)]
+    for seed, (ours, taylor, magnitude) in enumerate([(10, 14, 12), (12, 12, 16)]):
+        for method, v in (("so_fisher", ours), ("so_tp_taylor", taylor), ("so_tp_magnitude", magnitude)):
+            rows.append({**_row(method, seed, 50, method == "so_fisher"), "fn_at_dense_fpr": 30 - v,
+                         "fn_at_test_fpr": v, "comparison": "score_only"})
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ours = next(r for r in summarize(tmp_path)["rows"] if r["method"] == "so_fisher")
+    # FN at the dense FPR: magnitude has the lowest mean (30 - 14); on the test ROC taylor does (13 < 14)
+    assert ours["paired"]["baseline"] == "so_tp_magnitude"
+    p = ours["paired_test_roc"]
+    assert p["baseline"] == "so_tp_taylor" and p["mean_diff"] == pytest.approx(-2.0)
+    assert (p["dense"], p["floor_ratio"], p["excess_ratio"]) == (8.0, pytest.approx(8 / 13), pytest.approx(3 / 5))
+    assert "| s | score_only | 2.0 | 11.0 ± 1.0 | so_tp_taylor, 13.0 ± 1.0 | -2.0 (" in (tmp_path / "headline.md").read_text()

@@ -14,7 +14,7 @@ from ..core.controller import FNConstrainedPruning, FNConstraint
 from ..core.distributed import resolve_device
 from ..core.loss import WEIGHT_SCHEMES
 from ..core.scores import available_scores, score_class, score_options, validate_score
-from ..core.training import TRAIN_PARAMETERS, EarlyStopping
+from ..core.training import TRAIN_PARAMETERS, Distillation, EarlyStopping
 from ..core.validation import ClassAwareError, Constraint, check_choice, check_number
 from ..data import DATASETS
 from ..speed import ROUND_TO_CONSTRAINT, LatencyProbe
@@ -36,6 +36,8 @@ FROM_LIBRARY: dict[str, Constraint] = {
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
     "pruning.finetune_epochs": TRAIN_PARAMETERS["epochs"], "pruning.lr": TRAIN_PARAMETERS["lr"],
     "pruning.finetune_patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "pruning.distill": Distillation.PARAMETERS["weight"],
+    "pruning.distill_temperature": Distillation.PARAMETERS["temperature"],
     "pruning.round_to": ROUND_TO_CONSTRAINT,
     "pruning.latency_runtime": LatencyProbe.PARAMETERS["runtime"],
     "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],

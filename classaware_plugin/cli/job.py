@@ -26,7 +26,7 @@ from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
-from ..core.training import EarlyStopping, train
+from ..core.training import Distillation, EarlyStopping, train
 from ..backends import create_backend
 from ..data import DataBundle, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
@@ -234,6 +234,7 @@ class Job:
         p = self.cfg["pruning"]
         loss = make_loss(self.cfg, bundle, important)
         seed = self.cfg["seed"]
+        distillation = Distillation(dense, p["distill"], p["distill_temperature"]) if p["distill"] else None
 
         def finetune(m: nn.Module) -> None:
             # Seeded by the attempt number, so a resumed run repeats exactly what an uninterrupted one does.
@@ -243,7 +244,7 @@ class Job:
             stopper = EarlyStopping(dl["val"], p["finetune_patience"]) if p["finetune_patience"] is not None else None
             train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"], early_stopping=stopper,
                   optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})",
-                  sync_batchnorm=self.cfg["training"]["sync_batchnorm"])
+                  sync_batchnorm=self.cfg["training"]["sync_batchnorm"], distillation=distillation)
 
         example = torch.zeros(2, *bundle.input_shape, device=self.device)
         # The stop target: sparsity (unstructured), fewer MACs, or measured speed against the dense model.

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import distributed, memory_format
 from .validation import (
-    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_number, check_params,
+    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
 )
 from .controller import NonFiniteLossError
 from .lottery import MaskSet
@@ -46,9 +46,10 @@ class Distillation:
     classaware_plugin.core.validation.ClassAwareError: The 'weight' parameter must be a number in the range [0.0, 1.0]. Got 1.5 instead.
     """
 
+    PARAMETERS: dict[str, Constraint] = {"weight": Interval(0.0, 1.0), "temperature": Interval(0.0, low_open=True)}
+
     def __init__(self, teacher: nn.Module, weight: float = 0.5, temperature: float = 4.0) -> None:
-        check_number("weight", weight, low=0.0, high=1.0)
-        check_number("temperature", temperature, low=0.0, low_open=True)
+        check_params(self.PARAMETERS, {"weight": weight, "temperature": temperature})
         self.teacher, self.weight, self.temperature = teacher, float(weight), float(temperature)
 
     def soft_loss(self, student_logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
