@@ -55,13 +55,16 @@ def _commit() -> str | None:
 
 
 def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list[dict[str, Any]]:
-    """Time the job per backend (``nproc`` > 1: ``classaware-prune run --nproc``); rows already measured are kept."""
+    """Time the job per backend (``nproc`` > 1: ``classaware-prune run --nproc``) and add a row; every earlier row is
+    kept, and a backend already timed at this commit (with ``nproc`` processes) is not timed again."""
     path = out / "jobtime.json"
     rows: list[dict[str, Any]] = json.loads(path.read_text())["rows"] if path.exists() else []
+    commit = _commit()
     folder = make_image_folder(Path(os.environ.get("CLASSAWARE_DATA", Path.home() / ".cache" / "classaware"))
                                / "fashion_folder_10k")
     for backend in backends:
-        if any(r["backend"] == backend and r.get("processes", 1) == nproc for r in rows):
+        if commit and any(r["backend"] == backend and r.get("processes", 1) == nproc and r.get("commit") == commit
+                          for r in rows):
             continue
         with tempfile.TemporaryDirectory() as tmp:
             args = ["--set", "data.name=image_folder", "--set", f"data.path={folder}", "--set", "data.image_size=28",
@@ -77,7 +80,7 @@ def run(out: Path, backends: tuple[str, ...] = BACKENDS, nproc: int = 1) -> list
             report = json.loads(Path(f"{tmp}/run/report.json").read_text())
         d, p = report["dense"], report["pruned"]
         shirt = str(report["constraint"]["important_classes"][0])
-        row = {"backend": backend, "processes": nproc, "commit": _commit(), "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
+        row = {"backend": backend, "processes": nproc, "commit": commit, "images": 10 * PER_CLASS, "wall_s": round(wall, 1), "args": args,
                "stop_reason": report["stop_reason"], "macs_reduction": d["macs"] / p["macs"],
                "attempts": len(report["history"]), "dense_accuracy": d["accuracy"], "pruned_accuracy": p["accuracy"],
                "dense_fn": d["fn"][shirt], "pruned_fn": p["fn"][shirt], "speed": report["speed"]}
