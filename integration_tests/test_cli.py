@@ -337,7 +337,6 @@ def test_the_papers_magnitude_increase_score_runs_in_the_job(tmp_path, granulari
     assert report["constraint"]["satisfied"] is True and len(report["history"]) >= 1
 
 
-
 def test_distillation_from_the_dense_model_runs_in_fine_tuning(tmp_path, monkeypatch):
     from classaware_plugin.core.training import Distillation
 
@@ -349,6 +348,7 @@ def test_distillation_from_the_dense_model_runs_in_fine_tuning(tmp_path, monkeyp
     assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 0
     assert calls and set(calls) == {0.5}  # every fine-tuning batch of every attempt, none in dense training
     assert yaml.safe_load((out / "config.yaml").read_text())["pruning"]["distill"] == 0.5
+
 
 @pytest.fixture(scope="module")
 def untouched_run(tmp_path_factory):

@@ -100,7 +100,7 @@ def test_test_roc_comparison_reports_the_dense_floor_and_excess_ratio(tmp_path):
                          "fn_at_test_fpr": v, "comparison": "score_only"})
     (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     ours = next(r for r in summarize(tmp_path)["rows"] if r["method"] == "so_fisher")
-    # FN at the dense FPR: magnitude has the lowest mean (30 - 14); on the test ROC taylor does (13 < 14)
+    # FN at the dense FPR: magnitude has the lowest mean (16 against 17); on the test ROC taylor does (13 < 14)
     assert ours["paired"]["baseline"] == "so_tp_magnitude"
     p = ours["paired_test_roc"]
     assert p["baseline"] == "so_tp_taylor" and p["mean_diff"] == pytest.approx(-2.0)
