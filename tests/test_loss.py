@@ -80,6 +80,26 @@ def test_several_important_classes_average_their_rank_terms():
     assert float(both(logits, target)) == pytest.approx(expected, rel=1e-5)
 
 
+def test_logit_adjustment_by_hand_and_the_rank_term_sees_raw_logits():
+    # Counts [3, 1]: prior [0.75, 0.25]; tau = 2 adds 2 * log(prior) to the logits the cross-entropy sees.
+    logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    target = torch.tensor([0, 1, 1])
+    la = ClassDependentLoss([1], class_counts=[3, 1], class_weights="none", rank_weight=0.0, logit_adjustment=2.0)
+    ce = torch.nn.functional.cross_entropy
+    adjusted = logits + 2.0 * torch.log(torch.tensor([0.75, 0.25]))
+    assert float(la(logits, target)) == pytest.approx(ce(adjusted, target).item(), rel=1e-6)
+    # The rare class pays more when it is predicted at the same logit: the adjusted loss exceeds plain CE here.
+    assert float(la(logits, target)) > ce(logits, target).item()
+    # With the ranking term on, the term is the one of the unadjusted logits.
+    ranked_la = ClassDependentLoss([1], class_counts=[3, 1], class_weights="none", rank_weight=1.0, margin=4.0,
+                                   logit_adjustment=2.0)
+    ranked = ClassDependentLoss([1], class_counts=[3, 1], class_weights="none", rank_weight=1.0, margin=4.0)
+    rank_la = float(ranked_la(logits, target)) - ce(adjusted, target).item()
+    rank_raw = float(ranked(logits, target)) - ce(logits, target).item()
+    assert rank_raw > 0
+    assert rank_la == pytest.approx(rank_raw, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -90,6 +110,11 @@ def test_several_important_classes_average_their_rank_terms():
         (dict(important_classes=[1], class_counts=[5, 5], rank_weight=-1.0), "rank_weight"),
         (dict(important_classes=[1], class_weights="focal", class_counts=[5, 5]), "'balanced', 'inverse', 'none'"),
         (dict(important_classes=[1]), "class_counts"),
+        (dict(important_classes=[1], class_counts=[5, 5], logit_adjustment=-1.0), "logit_adjustment"),
+        (dict(important_classes=[1], class_weights="none", num_classes=2, logit_adjustment=1.0),
+         "'class_counts' parameter is required by logit_adjustment"),
+        (dict(important_classes=[1], class_weights=[1.0, 1.0], class_counts=[0, 5], logit_adjustment=1.0),
+         "positive counts for logit_adjustment"),
     ],
 )
 def test_bad_input_is_named(kwargs, message):

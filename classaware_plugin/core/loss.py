@@ -1,7 +1,7 @@
 """The class-dependent loss of Entezari & Saukh: weighted cross-entropy plus a ranking surrogate of AUC.
 
-L = L_wCE + rank_weight * L_rank, where L_wCE is cross-entropy with per-class weights gamma_c and
-L_rank is, for each important class c, the mean over pairs (i positive, j negative) in the batch of
+L = L_wCE + rank_weight * L_rank, where L_wCE is cross-entropy with per-class weights gamma_c (optionally on
+logits adjusted by ``tau * log(prior)``, Menon et al., ICLR 2021) and L_rank is, for each important class c, the mean over pairs (i positive, j negative) in the batch of
 ``max(0, margin - (s_i - s_j))**2`` with ``s = logit_c - logsumexp(other logits)``.
 The paper's Eq. 3 carries a sign typo (it rewards ranking negatives above positives); this is the
 corrected form.
@@ -84,6 +84,11 @@ class ClassDependentLoss(nn.Module):
         rank_weight: lambda, the weight of the ranking term (paper: 5). 0 disables it.
         margin: the hinge margin of the ranking term.
         num_classes: number of classes, when neither ``class_counts`` nor explicit weights give it.
+        logit_adjustment: tau of the logit-adjusted cross-entropy (Menon et al., "Long-tail learning via logit
+            adjustment", ICLR 2021): the cross-entropy sees ``logits + tau * log(prior)`` with the training prior
+            from ``class_counts``, so a rare class must win by a larger margin during training; the model's own
+            logits are unchanged at inference. 0 (default) disables it; 1 is the paper's value. The ranking term
+            always sees the unadjusted logits.
 
     The cross-entropy is PyTorch's weighted mean (divided by the sum of the targets' weights). The
     ranking term is averaged over the important classes that have both positives and negatives in
@@ -104,10 +109,17 @@ class ClassDependentLoss(nn.Module):
         rank_weight: float = 5.0,
         margin: float = 1.0,
         num_classes: int | None = None,
+        logit_adjustment: float = 0.0,
     ) -> None:
         super().__init__()
         check_number("rank_weight", rank_weight, low=0.0)
         check_number("margin", margin, low=0.0)
+        check_number("logit_adjustment", logit_adjustment, low=0.0)
+        if logit_adjustment and class_counts is None:
+            raise ClassAwareError(
+                f"The 'class_counts' parameter is required by logit_adjustment={logit_adjustment!r} (the adjustment "
+                f"is tau * log of the training prior). Got None."
+            )
         if isinstance(class_weights, str):
             check_choice("class_weights", class_weights, WEIGHT_SCHEMES)
             if class_weights == "none" and class_counts is None:
@@ -139,8 +151,20 @@ class ClassDependentLoss(nn.Module):
         self.important_classes = check_important_classes(important_classes, n)
         self.rank_weight = float(rank_weight)
         self.margin = float(margin)
+        self.logit_adjustment = float(logit_adjustment)
         self.warmup = False
         self.register_buffer("weight", weights)
+        if self.logit_adjustment:
+            counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
+            if (counts <= 0).any():
+                raise ClassAwareError(
+                    f"The 'class_counts' parameter must hold positive counts for logit_adjustment (log of a zero "
+                    f"prior). Got {counts.long().tolist()!r}."
+                )
+            offset = self.logit_adjustment * torch.log(counts / counts.sum())
+        else:
+            offset = torch.zeros(n, dtype=torch.float64)
+        self.logit_offset = offset.float()  # not a buffer: the loss's state_dict stays as it was
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.ndim != 2 or logits.shape[1] != self.num_classes:
@@ -148,7 +172,8 @@ class ClassDependentLoss(nn.Module):
                 f"The model output must have shape (batch, {self.num_classes}). Got {tuple(logits.shape)}."
             )
         weight = None if self.warmup else self.weight.to(logits.device, logits.dtype)
-        loss = F.cross_entropy(logits, target, weight=weight)
+        adjusted = logits + self.logit_offset.to(logits.device, logits.dtype) if self.logit_adjustment else logits
+        loss = F.cross_entropy(adjusted, target, weight=weight)
         if self.rank_weight == 0.0:
             return loss
         terms = []
@@ -163,5 +188,5 @@ class ClassDependentLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"important_classes={self.important_classes}, rank_weight={self.rank_weight}, "
-            f"margin={self.margin}, warmup={self.warmup}"
+            f"margin={self.margin}, logit_adjustment={self.logit_adjustment}, warmup={self.warmup}"
         )
