@@ -92,6 +92,16 @@ COMPARISONS = {
     "score_only": ("so_fisher", ("so_tp_taylor", "so_tp_magnitude", "so_magnitude")),
     "pipeline": ("pl_ours", ("so_tp_taylor", "so_tp_magnitude", "pl_nni_l1", "pl_nni_taylor")),
 }
+# Variants of one method that differ in one thing -> the method they are measured against (paired, same seeds): the
+# fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment. summarize.py adds the paired
+# difference of each to its reference (``paired_reference``) and a table of them to headline.md.
+VARIANTS = {
+    "pl_ours_ce": "pl_ours",
+    "pl_ours_kd": "pl_ours_ce",
+    "so_tp_taylor_kd": "so_tp_taylor",
+    "pl_ours_la": "pl_ours_ce",
+    "so_tp_taylor_la": "so_tp_taylor",
+}
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
                     "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce", "so_fisher_omega4", "pl_ours_kd",

@@ -94,8 +94,11 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
     Where the dense models' own value is known (``dense``: the suite's dense rows), the statistics also hold it over
     the same seeds (``dense``), the ratio a pruned model that kept exactly the dense FN would score
     (``floor_ratio`` = dense / baseline) and the share of the FN that pruning added which ours still adds
-    (``excess_ratio`` = (ours - dense) / (baseline - dense); None when the baseline adds none)."""
-    from .suites import COMPARISONS
+    (``excess_ratio`` = (ours - dense) / (baseline - dense); None when the baseline adds none).
+
+    Every variant of :data:`~benchmarks.suites.VARIANTS` also gets, per metric, its paired difference to the method
+    it differs from in one thing (``paired_reference[metric]``)."""
+    from .suites import COMPARISONS, VARIANTS
 
     for metric, key in PAIRED_METRICS.items():
         per_seed: dict[tuple, dict[int, float]] = {}
@@ -120,6 +123,12 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
                                      "excess_ratio": (o - d) / (b - d) if b > d else None})
                 if key == "paired":
                     row["paired_all"] = {b: paired_difference(mine, v) for b, v in here.items()}
+            reference = VARIANTS.get(row["method"])
+            ref = per_seed.get((row["suite"], row["level"], reference), {}) if reference else {}
+            mine = per_seed.get((row["suite"], row["level"], row["method"]), {})
+            if ref and mine:
+                row.setdefault("paired_reference", {})[metric] = {"reference": reference,
+                                                                  **(paired_difference(mine, ref) or {})}
 
 
 def _f(x: Any, digits: int = 1) -> str:
@@ -201,6 +210,27 @@ def comparisons(summary: dict[str, Any]) -> str:
             f"{_f(r['fn_at_test_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_test_fpr_mean'])} ± "
             f"{_f(b['fn_at_test_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
             f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} |"
+        )
+    out += ["", "Variants against the method they differ from in one thing (`VARIANTS` in suites.py), paired over "
+            "seeds; FN at the dense FPR with the threshold from validation, and read on the test ROC:", "",
+            "| suite | level | variant | reference | FN at dense FPR: variant / reference | paired diff (95% CI) | "
+            "test ROC: variant / reference | paired diff (95% CI) | accuracy % variant / reference | reached variant |",
+            "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+
+    def diff(p: dict[str, Any] | None) -> str:
+        return "-" if not p or "mean_diff" not in p else f"{p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f})"
+
+    for r in summary["rows"]:
+        pr = r.get("paired_reference")
+        if not pr:
+            continue
+        reference = next(iter(pr.values()))["reference"]
+        b = rows[(r["suite"], r["level"], reference)]
+        out.append(
+            f"| {r['suite']} | {r['level']} | {r['method']} | {reference} | {_f(r['fn_at_dense_fpr_mean'])} / "
+            f"{_f(b['fn_at_dense_fpr_mean'])} | {diff(pr.get('fn_at_dense_fpr'))} | {_f(r['fn_at_test_fpr_mean'])} / "
+            f"{_f(b['fn_at_test_fpr_mean'])} | {diff(pr.get('fn_at_test_fpr'))} | {_f(100 * r['accuracy_mean'])} / "
+            f"{_f(100 * b['accuracy_mean'])} | {_f(r['reached_mean'], 2)} |"
         )
     return "\n".join(out) + "\n"
 

@@ -106,3 +106,19 @@ def test_test_roc_comparison_reports_the_dense_floor_and_excess_ratio(tmp_path):
     assert p["baseline"] == "so_tp_taylor" and p["mean_diff"] == pytest.approx(-2.0)
     assert (p["dense"], p["floor_ratio"], p["excess_ratio"]) == (8.0, pytest.approx(8 / 13), pytest.approx(3 / 5))
     assert "| s | score_only | 2.0 | 11.0 ± 1.0 | so_tp_taylor, 13.0 ± 1.0 | -2.0 (" in (tmp_path / "headline.md").read_text()
+
+
+def test_variants_are_paired_with_the_method_they_differ_from(tmp_path):
+    """A variant (``VARIANTS``: here the pipeline with logit-adjusted fine-tuning) is paired by seed with its
+    reference (the pipeline with cross-entropy) on both metrics, and listed in headline.md's variants table."""
+    rows = []
+    for seed, (la, ce) in enumerate([(10, 14), (12, 13), (11, 15)]):
+        for method, v in (("pl_ours_la", la), ("pl_ours_ce", ce)):
+            rows.append({**_row(method, seed, 50, True), "fn_at_dense_fpr": v, "fn_at_test_fpr": v + 1})
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    la = next(r for r in summarize(tmp_path)["rows"] if r["method"] == "pl_ours_la")
+    val, roc = la["paired_reference"]["fn_at_dense_fpr"], la["paired_reference"]["fn_at_test_fpr"]
+    assert val["reference"] == roc["reference"] == "pl_ours_ce"
+    assert val["mean_diff"] == roc["mean_diff"] == pytest.approx(-3.0) and val["seeds"] == 3
+    assert "| s | 2.0 | pl_ours_la | pl_ours_ce | 11.0 / 14.0 | -3.0 (-7.3, +1.3) | 12.0 / 15.0 | -3.0 (-7.3, +1.3) |" \
+        in (tmp_path / "headline.md").read_text()
