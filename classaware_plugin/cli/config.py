@@ -152,6 +152,7 @@ def validate(cfg: dict[str, Any]) -> None:
     t = cfg["training"]
     _choice("training.class_weights", t["class_weights"], WEIGHT_SCHEMES)
     _num("training.rank_weight", t["rank_weight"], low=0.0)
+    _num("training.logit_adjustment", t["logit_adjustment"], low=0.0)
     _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
     if not isinstance(t["sync_batchnorm"], bool):
         raise ClassAwareError(f"The configuration key 'training.sync_batchnorm' must be true or false. Got {t['sync_batchnorm']!r}.")

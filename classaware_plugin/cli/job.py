@@ -98,7 +98,8 @@ def loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
 def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> ClassDependentLoss:
     t = cfg["training"]
     return ClassDependentLoss(
-        important, class_counts=bundle.train_counts, class_weights=t["class_weights"], rank_weight=t["rank_weight"]
+        important, class_counts=bundle.train_counts, class_weights=t["class_weights"], rank_weight=t["rank_weight"],
+        logit_adjustment=t["logit_adjustment"],
     )
 
 
