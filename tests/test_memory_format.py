@@ -76,3 +76,41 @@ def test_models_without_2d_convolutions_are_left_alone(batch):
     train(model, data, nn.functional.cross_entropy, epochs=1, progress=False)
     assert all(p.is_contiguous() for p in model.parameters())
 
+
+
+class StridedShortcutNet(nn.Module):
+    """A pruned ResNet's shortcut in miniature: a 1x1 convolution with stride 2 on ``width`` channels."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(1, width, 3, padding=1, bias=False)
+        self.shortcut = nn.Conv2d(width, 16, 1, stride=2, bias=False)
+        self.head = nn.Linear(16, 3)
+        self.formats: list[bool] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = self.shortcut(torch.relu(self.stem(x)))
+        if self.training:
+            self.formats.append(z.is_contiguous(memory_format=torch.channels_last) and not z.is_contiguous())
+        return self.head(z.mean((2, 3)))
+
+
+@pytest.mark.parametrize("width, channels_last", [(5, False), (7, False), (16, True)])
+def test_a_strided_1x1_convolution_on_few_channels_trains_in_the_default_format(width, channels_last):
+    """oneDNN#6035: in channels-last, the backward pass of a strided 1x1 convolution with fewer input channels than
+    its kernel's block gives wrong weight gradients (2 threads: up to 60x off at 5 and 7 channels here) or corrupts
+    the heap (1 thread). Such a model must train in the default format, to the same weights; from 16 channels on the
+    fast format is kept."""
+    torch.manual_seed(0)
+    start = StridedShortcutNet(width)
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 3, (64,))
+    models = []
+    for fmt in (True, False):
+        torch.manual_seed(0)
+        data = DataLoader(TensorDataset(x, y), batch_size=32, shuffle=True, generator=torch.Generator().manual_seed(0))
+        model = copy.deepcopy(start)
+        train(model, data, nn.functional.cross_entropy, epochs=2, lr=1e-2, progress=False, channels_last=fmt)
+        models.append(model)
+    assert models[0].formats and all(f == channels_last for f in models[0].formats)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
