@@ -97,7 +97,8 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
     (``excess_ratio`` = (ours - dense) / (baseline - dense); None when the baseline adds none).
 
     Every variant of :data:`~benchmarks.suites.VARIANTS` also gets, per metric, its paired difference to the method
-    it differs from in one thing (``paired_reference[metric]``)."""
+    it differs from in one thing (``paired_reference[metric]``); a variant of our method of a comparison (directly
+    or through other variants, see :func:`comparison_root`) is also compared with that comparison's baselines."""
     from .suites import COMPARISONS, VARIANTS
 
     for metric, key in PAIRED_METRICS.items():
@@ -105,16 +106,16 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
         for g, rs in groups.items():
             per_seed[(g[0], g[4], g[6])] = {r["seed"]: r[metric] for r in rs if r.get(metric) is not None}
         for row in summary_rows:
-            for ours, baselines in COMPARISONS.values():
-                if row["method"] != ours:
+            for name, (ours, baselines) in COMPARISONS.items():
+                if row["method"] != ours and comparison_root(row["method"]) != ours:
                     continue
                 here = {b: per_seed.get((row["suite"], row["level"], b), {}) for b in baselines}
                 here = {b: v for b, v in here.items() if v}
-                mine = per_seed.get((row["suite"], row["level"], ours), {})
+                mine = per_seed.get((row["suite"], row["level"], row["method"]), {})
                 if not here or not mine:
                     continue
                 best = min(here, key=lambda b: np.mean(list(here[b].values())))
-                row[key] = {"baseline": best, **(paired_difference(mine, here[best]) or {})}
+                row[key] = {"comparison": name, "baseline": best, **(paired_difference(mine, here[best]) or {})}
                 own = {r["seed"]: r[metric] for r in (dense or {}).get(row["suite"], []) if r.get(metric) is not None}
                 seeds = sorted(set(own) & set(mine) & set(here[best]))
                 if seeds:
@@ -129,6 +130,17 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
             if ref and mine:
                 row.setdefault("paired_reference", {})[metric] = {"reference": reference,
                                                                   **(paired_difference(mine, ref) or {})}
+
+
+def comparison_root(method: str) -> str | None:
+    """The method that ``method`` is a variant of, following :data:`~benchmarks.suites.VARIANTS` to its end
+    (``pl_ours_la`` -> ``pl_ours_ce`` -> ``pl_ours``), or None when it is no variant."""
+    from .suites import VARIANTS
+
+    seen = [method]
+    while seen[-1] in VARIANTS and VARIANTS[seen[-1]] not in seen:
+        seen.append(VARIANTS[seen[-1]])
+    return seen[-1] if len(seen) > 1 else None
 
 
 def _f(x: Any, digits: int = 1) -> str:
@@ -171,6 +183,12 @@ OURS = ("ours_taylor", "nni_classaware")  # our default per suite, in this order
 WITH_RULE = "ours_taylor_fn"
 
 
+def _label(row: dict[str, Any], p: dict[str, Any]) -> str:
+    """The comparison's name, and the method where the row is a variant of our method rather than our method."""
+    name = p.get("comparison", row["comparison"])
+    return name if row["comparison"] == name else f"{name}: {row['method']}"
+
+
 def comparisons(summary: dict[str, Any]) -> str:
     """Issue 10's table: our method of each comparison against the best class-agnostic method, FN at the dense
     model's FPR (test, threshold from validation), paired over seeds; beside it the dense models' own FN at their
@@ -187,7 +205,7 @@ def comparisons(summary: dict[str, Any]) -> str:
             continue
         b = rows[(r["suite"], r["level"], p["baseline"])]
         out.append(
-            f"| {r['suite']} | {r['comparison']} | {r['level']} | {_f(r['fn_at_dense_fpr_mean'])} ± "
+            f"| {r['suite']} | {_label(r, p)} | {r['level']} | {_f(r['fn_at_dense_fpr_mean'])} ± "
             f"{_f(r['fn_at_dense_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_dense_fpr_mean'])} ± "
             f"{_f(b['fn_at_dense_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
             f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} | "
@@ -206,7 +224,7 @@ def comparisons(summary: dict[str, Any]) -> str:
             continue
         b = rows[(r["suite"], r["level"], p["baseline"])]
         out.append(
-            f"| {r['suite']} | {r['comparison']} | {r['level']} | {_f(r['fn_at_test_fpr_mean'])} ± "
+            f"| {r['suite']} | {_label(r, p)} | {r['level']} | {_f(r['fn_at_test_fpr_mean'])} ± "
             f"{_f(r['fn_at_test_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_test_fpr_mean'])} ± "
             f"{_f(b['fn_at_test_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
             f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} |"

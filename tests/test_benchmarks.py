@@ -122,3 +122,18 @@ def test_variants_are_paired_with_the_method_they_differ_from(tmp_path):
     assert val["mean_diff"] == roc["mean_diff"] == pytest.approx(-3.0) and val["seeds"] == 3
     assert "| s | 2.0 | pl_ours_la | pl_ours_ce | 11.0 / 14.0 | -3.0 (-7.3, +1.3) | 12.0 / 15.0 | -3.0 (-7.3, +1.3) |" \
         in (tmp_path / "headline.md").read_text()
+
+
+def test_a_variant_of_our_pipeline_meets_the_pipeline_baselines(tmp_path):
+    """pl_ours_la -> pl_ours_ce -> pl_ours: the variant is also paired with the best class-agnostic method of the
+    pipeline comparison, and its row is labelled with its name in headline.md."""
+    rows = []
+    for seed, (la, taylor) in enumerate([(10, 14), (12, 13), (11, 15)]):
+        for method, v, aware in (("pl_ours_la", la, True), ("so_tp_taylor", taylor, False)):
+            rows.append({**_row(method, seed, 50, aware), "fn_at_dense_fpr": v, "fn_at_test_fpr": v})
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    la = next(r for r in summarize(tmp_path)["rows"] if r["method"] == "pl_ours_la")
+    p = la["paired"]
+    assert (p["comparison"], p["baseline"], p["mean_diff"]) == ("pipeline", "so_tp_taylor", pytest.approx(-3.0))
+    assert "| s | pipeline: pl_ours_la | 2.0 | 11.0 ± 0.8 | so_tp_taylor, 14.0 ± 0.8 | -3.0 (" in \
+        (tmp_path / "headline.md").read_text()
