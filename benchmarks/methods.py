@@ -136,8 +136,8 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                logit_adjustment: float = 0.0, **imp_kwargs: Any):
     """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
     TP estimator or ours; ``class_dependent`` and ``logit_adjustment`` pick the fine-tuning loss (``distill``: blended
-    with distillation from the dense model), ``fn_rule`` the FN-constrained stop (judged at ``operating_point``), ``calibration`` decision
-    calibration at the end."""
+    with distillation from the dense model), ``fn_rule`` the FN-constrained stop (judged at ``operating_point``),
+    ``calibration`` decision calibration at the end."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)

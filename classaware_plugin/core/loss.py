@@ -1,8 +1,9 @@
 """The class-dependent loss of Entezari & Saukh: weighted cross-entropy plus a ranking surrogate of AUC.
 
 L = L_wCE + rank_weight * L_rank, where L_wCE is cross-entropy with per-class weights gamma_c (optionally on
-logits adjusted by ``tau * log(prior)``, Menon et al., ICLR 2021) and L_rank is, for each important class c, the mean over pairs (i positive, j negative) in the batch of
-``max(0, margin - (s_i - s_j))**2`` with ``s = logit_c - logsumexp(other logits)``.
+logits adjusted by ``tau * log(prior)``, Menon et al., ICLR 2021) and L_rank is, for each important class c, the
+mean over pairs (i positive, j negative) in the batch of ``max(0, margin - (s_i - s_j))**2`` with
+``s = logit_c - logsumexp(other logits)``.
 The paper's Eq. 3 carries a sign typo (it rewards ranking negatives above positives); this is the
 corrected form.
 """
