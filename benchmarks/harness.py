@@ -114,6 +114,15 @@ def fn_at_test_fpr(test: tuple[Any, Any], c: int, fpr: float) -> int:
     return fn_at_fpr(test, test, c, fpr).test_fn
 
 
+def _kept_model(suite: Suite, row: dict[str, Any], out: Path) -> nn.Module | None:
+    """The model of one raw row where it is kept (the cached dense model, or the pruned one in ``models/``), or None."""
+    if row["method"] == "dense":
+        path = _dense_path(suite, row["seed"])
+        return load_object(path, what="cached dense model")["model"] if path.exists() else None
+    path = model_path(out, row["suite"], row["method"], row["level"], row["seed"])
+    return load_model(path) if path.exists() else None
+
+
 def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
     """Add ``fn_at_test_fpr`` to every raw row of the named suites (default: all) that lacks it and whose model is
     kept (cached dense models, pruned models in ``models/``), and rewrite raw.jsonl atomically. Do not run it while
@@ -126,12 +135,7 @@ def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
         suite = SUITES.get(r["suite"])
         if (names and r["suite"] not in names) or suite is None or "fn_at_test_fpr" in r or "dense_val_fpr" not in r:
             continue
-        if r["method"] == "dense":
-            path = _dense_path(suite, r["seed"])
-            model = load_object(path, what="cached dense model")["model"] if path.exists() else None
-        else:
-            path = model_path(out, r["suite"], r["method"], r["level"], r["seed"])
-            model = load_model(path) if path.exists() else None
+        model = _kept_model(suite, r, out)
         if model is None:
             continue
         if (suite.name, r["seed"]) not in loaders:
@@ -180,12 +184,7 @@ def remeasure_latency(names: list[str] | None, out: Path = RESULTS) -> int:
         suite = SUITES.get(r["suite"])
         if suite is None:
             continue
-        if r["method"] == "dense":
-            path = _dense_path(suite, r["seed"])
-            model = load_object(path, what="cached dense model")["model"] if path.exists() else None
-        else:
-            path = model_path(out, r["suite"], r["method"], r["level"], r["seed"])
-            model = load_model(path) if path.exists() else None
+        model = _kept_model(suite, r, out)
         if model is None:
             continue
         r.update(latencies(model.eval(), _input_shape(suite.name)), latency_pass=True)

@@ -106,12 +106,12 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
         for g, rs in groups.items():
             per_seed[(g[0], g[4], g[6])] = {r["seed"]: r[metric] for r in rs if r.get(metric) is not None}
         for row in summary_rows:
+            mine = per_seed.get((row["suite"], row["level"], row["method"]), {})
             for name, (ours, baselines) in COMPARISONS.items():
                 if row["method"] != ours and comparison_root(row["method"]) != ours:
                     continue
                 here = {b: per_seed.get((row["suite"], row["level"], b), {}) for b in baselines}
                 here = {b: v for b, v in here.items() if v}
-                mine = per_seed.get((row["suite"], row["level"], row["method"]), {})
                 if not here or not mine:
                     continue
                 best = min(here, key=lambda b: np.mean(list(here[b].values())))
@@ -126,7 +126,6 @@ def paired(summary_rows: list[dict[str, Any]], groups: dict[tuple, list[dict[str
                     row["paired_all"] = {b: paired_difference(mine, v) for b, v in here.items()}
             reference = VARIANTS.get(row["method"])
             ref = per_seed.get((row["suite"], row["level"], reference), {}) if reference else {}
-            mine = per_seed.get((row["suite"], row["level"], row["method"]), {})
             if ref and mine:
                 row.setdefault("paired_reference", {})[metric] = {"reference": reference,
                                                                   **(paired_difference(mine, ref) or {})}
@@ -189,6 +188,19 @@ def _label(row: dict[str, Any], p: dict[str, Any]) -> str:
     return name if row["comparison"] == name else f"{name}: {row['method']}"
 
 
+def _diff(p: dict[str, Any] | None) -> str:
+    """A paired difference with its 95% interval, or '-'."""
+    return "-" if not p or "mean_diff" not in p else f"{p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f})"
+
+
+def _paired_cells(r: dict[str, Any], b: dict[str, Any], p: dict[str, Any], metric: str) -> str:
+    """The cells both comparison tables share, for ``metric``: suite, comparison, level, ours and the baseline
+    (mean ± std), the paired difference, the ratio, the dense floor and the excess ratio."""
+    return (f"| {r['suite']} | {_label(r, p)} | {r['level']} | {_f(r[f'{metric}_mean'])} ± {_f(r[f'{metric}_std'])} | "
+            f"{p['baseline']}, {_f(b[f'{metric}_mean'])} ± {_f(b[f'{metric}_std'])} | {_diff(p)} | {p['ratio']:.3f} | "
+            f"{_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} |")
+
+
 def comparisons(summary: dict[str, Any]) -> str:
     """Issue 10's table: our method of each comparison against the best class-agnostic method, FN at the dense
     model's FPR (test, threshold from validation), paired over seeds; beside it the dense models' own FN at their
@@ -205,11 +217,8 @@ def comparisons(summary: dict[str, Any]) -> str:
             continue
         b = rows[(r["suite"], r["level"], p["baseline"])]
         out.append(
-            f"| {r['suite']} | {_label(r, p)} | {r['level']} | {_f(r['fn_at_dense_fpr_mean'])} ± "
-            f"{_f(r['fn_at_dense_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_dense_fpr_mean'])} ± "
-            f"{_f(b['fn_at_dense_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
-            f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} | "
-            f"{_f(r['fn_mean'])} / {_f(b['fn_mean'])} | {_f(100 * r['accuracy_mean'])} / "
+            _paired_cells(r, b, p, "fn_at_dense_fpr") + f" {_f(r['fn_mean'])} / {_f(b['fn_mean'])} | "
+            f"{_f(100 * r['accuracy_mean'])} / "
             f"{_f(100 * b['accuracy_mean'])} | {_f(r['auc_mean'], 4)} / {_f(b['auc_mean'], 4)} | {_f(r['reached_mean'], 2)} |"
         )
     out += ["", "The same comparisons with the dense model's FPR read on the test ROC (threshold chosen on test: a point "
@@ -222,22 +231,12 @@ def comparisons(summary: dict[str, Any]) -> str:
         p = r.get("paired_test_roc")
         if not p or "mean_diff" not in p:
             continue
-        b = rows[(r["suite"], r["level"], p["baseline"])]
-        out.append(
-            f"| {r['suite']} | {_label(r, p)} | {r['level']} | {_f(r['fn_at_test_fpr_mean'])} ± "
-            f"{_f(r['fn_at_test_fpr_std'])} | {p['baseline']}, {_f(b['fn_at_test_fpr_mean'])} ± "
-            f"{_f(b['fn_at_test_fpr_std'])} | {p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f}) | "
-            f"{p['ratio']:.3f} | {_f(p.get('dense'))} ({_f(p.get('floor_ratio'), 3)}) | {_f(p.get('excess_ratio'), 2)} |"
-        )
+        out.append(_paired_cells(r, rows[(r["suite"], r["level"], p["baseline"])], p, "fn_at_test_fpr"))
     out += ["", "Variants against the method they differ from in one thing (`VARIANTS` in suites.py), paired over "
             "seeds; FN at the dense FPR with the threshold from validation, and read on the test ROC:", "",
             "| suite | level | variant | reference | FN at dense FPR: variant / reference | paired diff (95% CI) | "
             "test ROC: variant / reference | paired diff (95% CI) | accuracy % variant / reference | reached variant |",
             "|---|---:|---|---|---:|---:|---:|---:|---:|---:|"]
-
-    def diff(p: dict[str, Any] | None) -> str:
-        return "-" if not p or "mean_diff" not in p else f"{p['mean_diff']:+.1f} ({p['ci_low']:+.1f}, {p['ci_high']:+.1f})"
-
     for r in summary["rows"]:
         pr = r.get("paired_reference")
         if not pr:
@@ -246,8 +245,8 @@ def comparisons(summary: dict[str, Any]) -> str:
         b = rows[(r["suite"], r["level"], reference)]
         out.append(
             f"| {r['suite']} | {r['level']} | {r['method']} | {reference} | {_f(r['fn_at_dense_fpr_mean'])} / "
-            f"{_f(b['fn_at_dense_fpr_mean'])} | {diff(pr.get('fn_at_dense_fpr'))} | {_f(r['fn_at_test_fpr_mean'])} / "
-            f"{_f(b['fn_at_test_fpr_mean'])} | {diff(pr.get('fn_at_test_fpr'))} | {_f(100 * r['accuracy_mean'])} / "
+            f"{_f(b['fn_at_dense_fpr_mean'])} | {_diff(pr.get('fn_at_dense_fpr'))} | {_f(r['fn_at_test_fpr_mean'])} / "
+            f"{_f(b['fn_at_test_fpr_mean'])} | {_diff(pr.get('fn_at_test_fpr'))} | {_f(100 * r['accuracy_mean'])} / "
             f"{_f(100 * b['accuracy_mean'])} | {_f(r['reached_mean'], 2)} |"
         )
     return "\n".join(out) + "\n"
