@@ -12,7 +12,7 @@ import yaml
 from ..backends import FRAMEWORKS, require_framework
 from ..core.controller import FNConstrainedPruning, FNConstraint
 from ..core.distributed import resolve_device
-from ..core.loss import WEIGHT_SCHEMES
+from ..core.loss import WEIGHT_SCHEMES, ClassDependentLoss
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..core.training import TRAIN_PARAMETERS, Distillation, EarlyStopping
 from ..core.validation import ClassAwareError, Constraint, check_choice, check_number
@@ -31,6 +31,8 @@ FROM_LIBRARY: dict[str, Constraint] = {
     "training.epochs": TRAIN_PARAMETERS["epochs"], "training.lr": TRAIN_PARAMETERS["lr"],
     "training.optimizer": TRAIN_PARAMETERS["optimizer"], "training.schedule": TRAIN_PARAMETERS["schedule"],
     "training.patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "training.rank_weight": ClassDependentLoss.PARAMETERS["rank_weight"],
+    "training.logit_adjustment": ClassDependentLoss.PARAMETERS["logit_adjustment"],
     "pruning.step": FNConstrainedPruning.PARAMETERS["step"],
     "pruning.max_halvings": FNConstrainedPruning.PARAMETERS["max_halvings"],
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
@@ -151,8 +153,6 @@ def validate(cfg: dict[str, Any]) -> None:
         raise ClassAwareError(f"The configuration key 'model.kwargs' must be a mapping. Got {m['kwargs']!r}.")
     t = cfg["training"]
     _choice("training.class_weights", t["class_weights"], WEIGHT_SCHEMES)
-    _num("training.rank_weight", t["rank_weight"], low=0.0)
-    _num("training.logit_adjustment", t["logit_adjustment"], low=0.0)
     _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
     if not isinstance(t["sync_batchnorm"], bool):
         raise ClassAwareError(f"The configuration key 'training.sync_batchnorm' must be true or false. Got {t['sync_batchnorm']!r}.")

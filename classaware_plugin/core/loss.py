@@ -15,7 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .validation import ClassAwareError, check_choice, check_important_classes, check_number
+from .validation import (
+    ClassAwareError, Constraint, Interval, check_choice, check_important_classes, check_number, check_params,
+)
 
 WEIGHT_SCHEMES = ("balanced", "inverse", "none")
 
@@ -101,6 +103,10 @@ class ClassDependentLoss(nn.Module):
         >>> value = loss(torch.randn(8, 2), torch.tensor([0, 1] * 4))
     """
 
+    PARAMETERS: dict[str, Constraint] = {
+        "rank_weight": Interval(0.0), "margin": Interval(0.0), "logit_adjustment": Interval(0.0),
+    }
+
     def __init__(
         self,
         important_classes: Sequence[int],
@@ -113,9 +119,8 @@ class ClassDependentLoss(nn.Module):
         logit_adjustment: float = 0.0,
     ) -> None:
         super().__init__()
-        check_number("rank_weight", rank_weight, low=0.0)
-        check_number("margin", margin, low=0.0)
-        check_number("logit_adjustment", logit_adjustment, low=0.0)
+        check_params(self.PARAMETERS, {"rank_weight": rank_weight, "margin": margin,
+                                       "logit_adjustment": logit_adjustment})
         if logit_adjustment and class_counts is None:
             raise ClassAwareError(
                 f"The 'class_counts' parameter is required by logit_adjustment={logit_adjustment!r} (the adjustment "
