@@ -93,7 +93,7 @@ COMPARISONS = {
     "pipeline": ("pl_ours", ("so_tp_taylor", "so_tp_magnitude", "pl_nni_l1", "pl_nni_taylor")),
 }
 # Variants of one method that differ in one thing -> the method they are measured against (paired, same seeds): the
-# fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment. summarize.py adds the paired
+# fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment, the ranking term. summarize.py adds the paired
 # difference of each to its reference (``paired_reference``) and a table of them to headline.md.
 VARIANTS = {
     "pl_ours_ce": "pl_ours",
@@ -101,11 +101,13 @@ VARIANTS = {
     "so_tp_taylor_kd": "so_tp_taylor",
     "pl_ours_la": "pl_ours_ce",
     "so_tp_taylor_la": "so_tp_taylor",
+    "pl_ours_rank": "pl_ours_ce",
+    "pl_ours_pauc": "pl_ours_rank",
 }
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
                     "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce", "so_fisher_omega4", "pl_ours_kd",
-                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la")
+                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc")
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
@@ -118,7 +120,7 @@ SCORE_VARIANTS = ("so_fisher", "so_fisher_agnostic", "so_fisher_margin", "so_fis
 SUITES["digits_protocol"] = Suite(
     "digits_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     SCORE_VARIANTS + ("so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_ours_ce", "pl_ours_kd", "so_tp_taylor_kd",
-                      "pl_ours_la", "so_tp_taylor_la"),
+                      "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc"),
     (0, 1, 2, 3, 4), dense_epochs=15,
     finetune_epochs=1.0,
     batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,

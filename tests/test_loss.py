@@ -100,6 +100,26 @@ def test_logit_adjustment_by_hand_and_the_rank_term_sees_raw_logits():
     assert rank_la == pytest.approx(rank_raw, rel=1e-5)
 
 
+def test_partial_auc_term_ranks_against_the_hardest_negatives_only():
+    # Binary, class 1 important: scores = logit1 - logit0. Positives 2.0 and 0.5; negatives 1.8, -3.0, -4.0.
+    scores = [2.0, 0.5, 1.8, -3.0, -4.0]
+    logits = torch.tensor([[0.0, s] for s in scores])
+    target = torch.tensor([1, 1, 0, 0, 0])
+    ce = torch.nn.functional.cross_entropy(logits, target).item()
+    full = ClassDependentLoss([1], class_weights="none", num_classes=2, rank_weight=1.0)
+    hinge = lambda p, n: max(0.0, 1.0 - (p - n)) ** 2  # noqa: E731
+    every_pair = sum(hinge(p, n) for p in (2.0, 0.5) for n in (1.8, -3.0, -4.0)) / 6
+    assert float(full(logits, target)) == pytest.approx(ce + every_pair, rel=1e-6)
+    # max_fpr 1/3 of 3 negatives: only the top-scoring negative (1.8) is ranked against.
+    top = ClassDependentLoss([1], class_weights="none", num_classes=2, rank_weight=1.0, rank_max_fpr=1 / 3)
+    top_pairs = (hinge(2.0, 1.8) + hinge(0.5, 1.8)) / 2
+    assert float(top(logits, target)) == pytest.approx(ce + top_pairs, rel=1e-6)
+    assert top_pairs > every_pair  # the easy negatives no longer dilute the violated pairs
+    # A fraction below one negative still keeps one; the hardest is the one kept.
+    tiny = ClassDependentLoss([1], class_weights="none", num_classes=2, rank_weight=1.0, rank_max_fpr=1e-6)
+    assert float(tiny(logits, target)) == pytest.approx(ce + top_pairs, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -111,6 +131,8 @@ def test_logit_adjustment_by_hand_and_the_rank_term_sees_raw_logits():
         (dict(important_classes=[1], class_weights="focal", class_counts=[5, 5]), "'balanced', 'inverse', 'none'"),
         (dict(important_classes=[1]), "class_counts"),
         (dict(important_classes=[1], class_counts=[5, 5], logit_adjustment=-1.0), "logit_adjustment"),
+        (dict(important_classes=[1], class_counts=[5, 5], rank_max_fpr=0.0), "rank_max_fpr"),
+        (dict(important_classes=[1], class_counts=[5, 5], rank_max_fpr=1.5), "rank_max_fpr"),
         (dict(important_classes=[1], class_weights="none", num_classes=2, logit_adjustment=1.0),
          "'class_counts' parameter is required by logit_adjustment"),
         (dict(important_classes=[1], class_weights=[1.0, 1.0], class_counts=[0, 5], logit_adjustment=1.0),

@@ -3,12 +3,14 @@
 L = L_wCE + rank_weight * L_rank, where L_wCE is cross-entropy with per-class weights gamma_c (optionally on
 logits adjusted by ``tau * log(prior)``, Menon et al., ICLR 2021) and L_rank is, for each important class c, the
 mean over pairs (i positive, j negative) in the batch of ``max(0, margin - (s_i - s_j))**2`` with
-``s = logit_c - logsumexp(other logits)``.
+``s = logit_c - logsumexp(other logits)``; with ``rank_max_fpr`` < 1 only the batch's highest-scoring negatives
+take part (a one-way partial-AUC surrogate for FPR <= rank_max_fpr).
 The paper's Eq. 3 carries a sign typo (it rewards ranking negatives above positives); this is the
 corrected form.
 """
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -32,7 +34,7 @@ def make_class_weights(
     ``'balanced'`` is Cui et al. (2019): gamma_c proportional to (1 - beta) / (1 - beta**n_c);
     ``'inverse'`` is proportional to 1 / n_c; ``'none'`` gives ones.
 
-    >>> make_class_weights([90, 10], "inverse").tolist()
+    >>> [round(w, 3) for w in make_class_weights([90, 10], "inverse").tolist()]
     [0.2, 1.8]
     """
     check_choice("scheme", scheme, WEIGHT_SCHEMES)
@@ -61,15 +63,25 @@ def important_class_score(logits: torch.Tensor, cls: int) -> torch.Tensor:
     return logits[:, cls] - torch.logsumexp(others, dim=1)
 
 
-def pairwise_ranking_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float = 1.0) -> torch.Tensor | None:
+def pairwise_ranking_loss(scores: torch.Tensor, positive: torch.Tensor, margin: float = 1.0,
+                          max_fpr: float = 1.0) -> torch.Tensor | None:
     """Mean squared hinge ``max(0, margin - (s_i - s_j))**2`` over (positive i, negative j) pairs.
 
-    Returns ``None`` when the batch has no positive or no negative sample (no pair to rank).
+    ``max_fpr`` < 1 keeps only the ``ceil(max_fpr * n_negatives)`` negatives with the highest scores: the empirical
+    CVaR estimator of the one-way partial AUC over FPR in ``[0, max_fpr]`` (Zhu et al., "When AUC meets DRO",
+    ICML 2022), which is the part of the ROC curve where a rare class's operating point lies. Returns ``None`` when
+    the batch has no positive or no negative sample (no pair to rank).
+
+    >>> s = torch.tensor([2.0, 0.5, 1.8, -3.0, -4.0])
+    >>> round(pairwise_ranking_loss(s, torch.tensor([True, True, False, False, False]), max_fpr=1 / 3).item(), 4)
+    2.965
     """
     pos = scores[positive]
     neg = scores[~positive]
     if pos.numel() == 0 or neg.numel() == 0:
         return None
+    if max_fpr < 1.0:
+        neg = torch.topk(neg, max(1, math.ceil(max_fpr * neg.numel()))).values
     diff = pos[:, None] - neg[None, :]
     return torch.clamp(margin - diff, min=0.0).pow(2).mean()
 
@@ -87,6 +99,9 @@ class ClassDependentLoss(nn.Module):
         rank_weight: lambda, the weight of the ranking term (paper: 5). 0 disables it.
         margin: the hinge margin of the ranking term.
         num_classes: number of classes, when neither ``class_counts`` nor explicit weights give it.
+        rank_max_fpr: the ranking term compares each positive with the hardest ``rank_max_fpr`` fraction of the
+            batch's negatives (a partial-AUC surrogate for FPR <= rank_max_fpr; see :func:`pairwise_ranking_loss`).
+            1 (default, the paper's) compares it with every negative.
         logit_adjustment: tau of the logit-adjusted cross-entropy (Menon et al., "Long-tail learning via logit
             adjustment", ICLR 2021): the cross-entropy sees ``logits + tau * log(prior)`` with the training prior
             from ``class_counts``, so a rare class must win by a larger margin during training; the model's own
@@ -105,6 +120,7 @@ class ClassDependentLoss(nn.Module):
 
     PARAMETERS: dict[str, Constraint] = {
         "rank_weight": Interval(0.0), "margin": Interval(0.0), "logit_adjustment": Interval(0.0),
+        "rank_max_fpr": Interval(0.0, 1.0, low_open=True),
     }
 
     def __init__(
@@ -117,10 +133,11 @@ class ClassDependentLoss(nn.Module):
         margin: float = 1.0,
         num_classes: int | None = None,
         logit_adjustment: float = 0.0,
+        rank_max_fpr: float = 1.0,
     ) -> None:
         super().__init__()
         check_params(self.PARAMETERS, {"rank_weight": rank_weight, "margin": margin,
-                                       "logit_adjustment": logit_adjustment})
+                                       "logit_adjustment": logit_adjustment, "rank_max_fpr": rank_max_fpr})
         if logit_adjustment and class_counts is None:
             raise ClassAwareError(
                 f"The 'class_counts' parameter is required by logit_adjustment={logit_adjustment!r} (the adjustment "
@@ -158,6 +175,7 @@ class ClassDependentLoss(nn.Module):
         self.rank_weight = float(rank_weight)
         self.margin = float(margin)
         self.logit_adjustment = float(logit_adjustment)
+        self.rank_max_fpr = float(rank_max_fpr)
         self.warmup = False
         self.register_buffer("weight", weights)
         if self.logit_adjustment:
@@ -184,7 +202,8 @@ class ClassDependentLoss(nn.Module):
             return loss
         terms = []
         for c in self.important_classes:
-            term = pairwise_ranking_loss(important_class_score(logits, c), target == c, self.margin)
+            term = pairwise_ranking_loss(important_class_score(logits, c), target == c, self.margin,
+                                         self.rank_max_fpr)
             if term is not None:
                 terms.append(term)
         if terms:
@@ -194,5 +213,6 @@ class ClassDependentLoss(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"important_classes={self.important_classes}, rank_weight={self.rank_weight}, "
-            f"margin={self.margin}, logit_adjustment={self.logit_adjustment}, warmup={self.warmup}"
+            f"margin={self.margin}, rank_max_fpr={self.rank_max_fpr}, logit_adjustment={self.logit_adjustment}, "
+            f"warmup={self.warmup}"
         )
