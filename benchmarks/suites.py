@@ -93,8 +93,8 @@ COMPARISONS = {
     "pipeline": ("pl_ours", ("so_tp_taylor", "so_tp_magnitude", "pl_nni_l1", "pl_nni_taylor")),
 }
 # Variants of one method that differ in one thing -> the method they are measured against (paired, same seeds): the
-# fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment, the ranking term. summarize.py adds the paired
-# difference of each to its reference (``paired_reference``) and a table of them to headline.md.
+# fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment, the ranking term. summarize.py
+# adds the paired difference of each to its reference (``paired_reference``) and a table of them to headline.md.
 VARIANTS = {
     "pl_ours_ce": "pl_ours",
     "pl_ours_kd": "pl_ours_ce",

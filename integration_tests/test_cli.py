@@ -143,6 +143,7 @@ def test_config_default_prints_a_valid_commented_configuration(capsys):
         ("device=gpu", "The configuration key 'device': The device must be 'auto', 'cpu', 'cuda' or 'cuda:N'. Got 'gpu'"),
         ("device=cuda:9", "'cuda:9' does not exist on this machine"),
         ("training.logit_adjustment=-1", "'training.logit_adjustment'"),
+        ("training.rank_max_fpr=0", "'training.rank_max_fpr'"),
         ("training.sync_batchnorm=2", "'training.sync_batchnorm' must be true or false. Got 2"),
         ("device=cpu training.sync_batchnorm=true", "training.sync_batchnorm=true needs CUDA"),
     ],
@@ -163,6 +164,16 @@ def test_logit_adjustment_reaches_the_training_loss():
     assert loss.logit_adjustment == 1.0
     assert loss.logit_offset.tolist() == pytest.approx([np.log(0.75), np.log(0.25)])
     assert make_loss(load_config(None, []), SimpleNamespace(train_counts=[30, 10]), [1]).logit_adjustment == 0.0
+
+
+def test_rank_max_fpr_reaches_the_training_loss():
+    from types import SimpleNamespace
+
+    from classaware_plugin.cli.job import make_loss
+
+    counts = SimpleNamespace(train_counts=[30, 10])
+    assert make_loss(load_config(None, ["training.rank_max_fpr=0.1"]), counts, [1]).rank_max_fpr == 0.1
+    assert make_loss(load_config(None, []), counts, [1]).rank_max_fpr == 1.0
 
 
 def test_bad_class_and_model_are_refused_with_their_values(tmp_path, capsys):

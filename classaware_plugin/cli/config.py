@@ -33,6 +33,7 @@ FROM_LIBRARY: dict[str, Constraint] = {
     "training.patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
     "training.rank_weight": ClassDependentLoss.PARAMETERS["rank_weight"],
     "training.logit_adjustment": ClassDependentLoss.PARAMETERS["logit_adjustment"],
+    "training.rank_max_fpr": ClassDependentLoss.PARAMETERS["rank_max_fpr"],
     "pruning.step": FNConstrainedPruning.PARAMETERS["step"],
     "pruning.max_halvings": FNConstrainedPruning.PARAMETERS["max_halvings"],
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],

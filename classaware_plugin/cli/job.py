@@ -99,7 +99,7 @@ def make_loss(cfg: dict[str, Any], bundle: DataBundle, important: list[int]) -> 
     t = cfg["training"]
     return ClassDependentLoss(
         important, class_counts=bundle.train_counts, class_weights=t["class_weights"], rank_weight=t["rank_weight"],
-        logit_adjustment=t["logit_adjustment"],
+        logit_adjustment=t["logit_adjustment"], rank_max_fpr=t["rank_max_fpr"],
     )
 
 
