@@ -140,9 +140,8 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                logit_adjustment: float = 0.0, ranking: float | None = None, **imp_kwargs: Any):
     """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
     TP estimator or ours; ``class_dependent``, ``logit_adjustment`` and ``ranking`` pick the fine-tuning loss
-    (:meth:`Context.loss`; ``distill``: blended
-    with distillation from the dense model), ``fn_rule`` the FN-constrained stop (judged at ``operating_point``),
-    ``calibration`` decision calibration at the end."""
+    (:meth:`Context.loss`; ``distill``: blended with distillation from the dense model), ``fn_rule`` the
+    FN-constrained stop (judged at ``operating_point``), ``calibration`` decision calibration at the end."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
