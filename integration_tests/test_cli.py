@@ -335,15 +335,19 @@ def test_resume_refuses_new_settings_and_explains_an_unstarted_directory(tmp_pat
 def test_ctrl_c_leaves_a_resumable_directory_and_says_so(tmp_path):
     out = tmp_path / "interrupted"
     env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+    # The run starts as from a terminal, with SIGINT at its default. A test runner started in the background without
+    # job control (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then never raises
+    # KeyboardInterrupt: the run would finish as if no Ctrl-C came (the cause of two failed local full runs).
     proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
                              *_sets([*FAST, "pruning.max_steps=4"])], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (out / "state.pt").exists():
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
-    if proc.returncode == 0:  # failed twice in full CI runs on 2026-12-03; its stderr says where the signal went
+    if proc.returncode == 0:
         pytest.fail(f"the run finished before Ctrl-C arrived or the signal was swallowed; stderr:\n{err[-3000:]}")
     assert proc.returncode == 130 and f"--resume {out}" in err
     resumed = _cli("run", "--quiet", "--resume", str(out))
