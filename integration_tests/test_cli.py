@@ -25,10 +25,13 @@ FAST = ["training.epochs=4", "pruning.finetune_epochs=0.5", "pruning.target_macs
         "model.kwargs={depth: 8, width: 16}", "pruning.round_to=null"]
 
 
+# A child run's environment: no plot window, no warnings from the libraries on its stderr.
+CHILD_ENV = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
+
+
 def _cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "classaware_plugin.cli.main", *args], capture_output=True,
-                          text=True, cwd=cwd, env=env, timeout=600)
+                          text=True, cwd=cwd, env=CHILD_ENV, timeout=600)
 
 
 def _sets(items):
@@ -195,9 +198,9 @@ def test_resume_after_kill_9_reaches_the_same_history(tmp_path):
     ref_dir, killed_dir = tmp_path / "ref", tmp_path / "killed"
     ref = _cli("run", "--quiet", "--out", str(ref_dir), *args)
     assert ref.returncode == 0, ref.stderr[-2000:]
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out",
-                             str(killed_dir), *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(killed_dir), *args], env=CHILD_ENV, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
     state = killed_dir / "state.pt"
     deadline = time.time() + 300
     killed_at = None
@@ -334,12 +337,11 @@ def test_resume_refuses_new_settings_and_explains_an_unstarted_directory(tmp_pat
 
 def test_ctrl_c_leaves_a_resumable_directory_and_says_so(tmp_path):
     out = tmp_path / "interrupted"
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     # The run starts as from a terminal, with SIGINT at its default. A test runner started in the background without
     # job control (`cmd &` in a script) ignores SIGINT, its children inherit that, and Python then never raises
     # KeyboardInterrupt: the run would finish as if no Ctrl-C came (the cause of two failed local full runs).
     proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
-                             *_sets([*FAST, "pruning.max_steps=4"])], env=env, stdout=subprocess.PIPE,
+                             *_sets([*FAST, "pruning.max_steps=4"])], env=CHILD_ENV, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
@@ -409,10 +411,9 @@ def test_torchrun_two_processes_take_the_one_process_decisions(untouched_run, tm
     statistics and the ranking term are computed per process batch), so what is pinned is what must hold: the same
     decisions at the same step sizes and the same stop reason, one report, written by rank 0."""
     out = tmp_path / "two"
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "classaware_plugin.cli", "run", "--quiet", "--out", str(out)],
-                          capture_output=True, text=True, env=env, timeout=900)
+                          capture_output=True, text=True, env=CHILD_ENV, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("Report:") == 1  # rank 0 alone reports
     one = json.loads((untouched_run / "report.json").read_text())
@@ -453,9 +454,9 @@ def test_nproc_run_survives_a_dead_rank_and_resumes_to_the_same_history(tmp_path
     whole = _cli("run", "--quiet", "--out", str(tmp_path / "whole"), "--nproc", "2", *sets)
     assert whole.returncode == 0, whole.stderr[-3000:]
     out = tmp_path / "killed"
-    env = {**os.environ, "MPLBACKEND": "Agg", "PYTHONWARNINGS": "ignore"}
     proc = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
-                             "--nproc", "2", *sets], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--nproc", "2", *sets], env=CHILD_ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
     deadline = time.time() + 600
     while not (out / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.2)
