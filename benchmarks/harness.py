@@ -269,7 +269,8 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
 
 
 def comparison_of(method: str) -> str:
-    """``score_only`` or ``pipeline`` for the methods of issue 10's two comparisons, else ``ablation``."""
+    """The comparison (``score_only``, ``pipeline``, ``no_finetune``: :data:`~benchmarks.suites.COMPARISONS`) whose
+    method or baseline ``method`` is, else ``ablation``."""
     for name, (ours, baselines) in COMPARISONS.items():  # score_only first: its baselines also serve the pipeline
         if method == ours or method in baselines:
             return name

@@ -87,6 +87,31 @@ class Context:
 
         return finetune
 
+    def bn_recalibration(self, batches: int = 20) -> Callable[[nn.Module], None]:
+        """Re-estimate every BatchNorm's running statistics on ``batches`` training batches (train mode, no
+        gradients, cumulative average; "adaptive BN", Li et al., EagleEye, ECCV 2020): the weights stay as pruned,
+        only the statistics follow the channels that were removed upstream. The same batches for every method."""
+
+        def recalibrate(m: nn.Module) -> None:
+            norms = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
+            saved = [b.momentum for b in norms]
+            for b in norms:
+                b.reset_running_stats()
+                b.momentum = None
+            self.loaders["generator"].manual_seed(self.seed * 7919)
+            was_training = m.training
+            m.train()
+            with torch.no_grad():
+                for i, (x, _) in enumerate(self.loaders["train"]):
+                    if i == batches:
+                        break
+                    m(x)
+            m.train(was_training)
+            for b, mom in zip(norms, saved):
+                b.momentum = mom
+
+        return recalibrate
+
 
 def _constraint(ctx: Context, fn_rule: bool, operating_point: str = "argmax") -> FNConstraint:
     if fn_rule:
@@ -137,11 +162,13 @@ def calibrated(base: str, table: dict[str, Callable[..., Any]]):
 # ----------------------------------------------------------------------------- structured (Torch-Pruning)
 def structured(score: str, fn_rule: bool, importance: str = "ours", class_dependent: bool = True,
                calibration: bool = False, operating_point: str = "argmax", distill: float = 0.0,
-               logit_adjustment: float = 0.0, ranking: float | None = None, **imp_kwargs: Any):
+               logit_adjustment: float = 0.0, ranking: float | None = None, finetune: bool = True, **imp_kwargs: Any):
     """Iterative structured pruning (20% of the remaining channels per step, ``finetune_epochs`` per step) with a
     TP estimator or ours; ``class_dependent``, ``logit_adjustment`` and ``ranking`` pick the fine-tuning loss
     (:meth:`Context.loss`; ``distill``: blended with distillation from the dense model), ``fn_rule`` the
-    FN-constrained stop (judged at ``operating_point``), ``calibration`` decision calibration at the end."""
+    FN-constrained stop (judged at ``operating_point``), ``calibration`` decision calibration at the end;
+    ``finetune=False`` prunes with no training at all, only the BatchNorm statistics re-estimated after each step
+    (:meth:`Context.bn_recalibration`): what the score's choice of channels alone keeps."""
 
     def method(ctx: Context, level: float) -> tuple[nn.Module, dict[str, Any]]:
         model = copy.deepcopy(ctx.dense)
@@ -159,7 +186,7 @@ def structured(score: str, fn_rule: bool, importance: str = "ours", class_depend
                       calib_loader=ctx.loaders["calib"],
                       finetune=ctx.finetuner(ctx.suite.finetune_epochs, class_dependent=class_dependent,
                                              distill=distill, logit_adjustment=logit_adjustment,
-                                             ranking=ranking),
+                                             ranking=ranking) if finetune else ctx.bn_recalibration(),
                       round_to=None)  # the committed protocol results compare scores at unrounded channel counts
         res = _run(ctx, backend, level, "macs_reduction", 0.2, fn_rule, operating_point=operating_point)
         model, info = _finish(ctx, model, res)
@@ -391,6 +418,12 @@ PROTOCOL = {
                                ranking=1.0),
     "pl_ours_pauc": structured("fisher", True, class_dependent=False, calibration=True, operating_point="calibrated",
                                ranking=0.1),
+    # the same schedule with no fine-tuning, only BatchNorm statistics re-estimated after each step: which channels
+    # each score keeps, before cross-entropy fine-tuning re-learns features (does the score protect the important
+    # class, and does fine-tuning then erase a difference the score_only comparison does not show?)
+    "nf_fisher": structured("fisher", False, finetune=False),
+    "nf_tp_taylor": structured("", False, importance="tp_taylor", finetune=False),
+    "nf_tp_magnitude": structured("", False, importance="tp_magnitude", finetune=False),
     "fb_fisher": structured("fisher", True, class_dependent=False),
     "fb_tp_taylor": structured("", True, importance="tp_taylor", class_dependent=False),
     "fb_tp_magnitude": structured("", True, importance="tp_magnitude", class_dependent=False),
@@ -402,7 +435,7 @@ NNI_METHODS.update({
 })
 CLASS_AWARE.update({"so_fisher", "so_fisher_margin", "so_fisher_omega4", "so_taylor_signed", "pl_ours",
                     "pl_ours_calibrated", "pl_ours_ce", "pl_ours_kd", "pl_ours_la", "pl_ours_rank", "pl_ours_pauc",
-                    "fb_fisher"})
+                    "fb_fisher", "nf_fisher"})
 # The same score-only comparison for unstructured pruning (cross-entropy fine-tuning for every score).
 UNSTRUCTURED.update({
     "so_fisher": unstructured("fisher", class_dependent=False),
