@@ -137,3 +137,27 @@ def test_a_variant_of_our_pipeline_meets_the_pipeline_baselines(tmp_path):
     assert (p["comparison"], p["baseline"], p["mean_diff"]) == ("pipeline", "so_tp_taylor", pytest.approx(-3.0))
     assert "| s | pipeline: pl_ours_la | 2.0 | 11.0 ± 0.8 | so_tp_taylor, 14.0 ± 0.8 | -3.0 (" in \
         (tmp_path / "headline.md").read_text()
+
+
+def test_bn_recalibration_re_estimates_the_statistics_and_touches_nothing_else():
+    import torch
+    from torch import nn
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from benchmarks.methods import Context
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 3) * 2 + 5
+    loader = DataLoader(TensorDataset(x, torch.zeros(256, dtype=torch.long)), batch_size=32, shuffle=True, generator=g)
+    ctx = Context(suite=None, seed=0, dense=nn.Identity(), init_state={}, early_state={},
+                  loaders={"train": loader, "generator": g}, num_classes=2, input_shape=(3,), train_counts=[1, 1])
+    model = nn.Sequential(nn.BatchNorm1d(3, momentum=0.3), nn.Linear(3, 2)).eval()
+    model[0].running_mean.fill_(-7.0)
+    before = {k: v.clone() for k, v in model.state_dict().items() if "running" not in k and "num_batches" not in k}
+    ctx.bn_recalibration(batches=4)(model)
+    seen = torch.cat([b for (b,) in list(DataLoader(TensorDataset(x), batch_size=32, shuffle=True,
+                                                    generator=torch.Generator().manual_seed(0)))[:4]])
+    torch.testing.assert_close(model[0].running_mean, seen.mean(0))  # the first 4 batches, cumulative average
+    assert model[0].momentum == 0.3 and not model.training
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
