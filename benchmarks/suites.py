@@ -109,8 +109,8 @@ VARIANTS = {
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
                     "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce", "so_fisher_omega4", "pl_ours_kd",
-                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc", "nf_fisher", "nf_tp_taylor",
-                    "nf_tp_magnitude")
+                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc", "nf_fisher",
+                    "nf_tp_taylor", "nf_tp_magnitude")
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
@@ -155,8 +155,8 @@ SUITES["digits_mobilenet_protocol"] = Suite(
 # MobileNetV2 on the Fashion-MNIST protocol (issue 10's remaining level): fashion_protocol's data, dense budget (15
 # cosine epochs, cross-entropy) and fine-tuning budget (1 epoch per step: 20.2k images are 158 batches, against
 # digits' 19), with digits_mobilenet_protocol's model (width 0.5, stride-1 stem) and fine-tuning learning rate (2e-3:
-# MobileNetV2 recovered far less than ResNet-8 at 5e-4 there). Score only: the dense model takes about 28 min of one
-# thread and a pruning run 3-5 min (MobileNetV2 costs 3.5x ResNet-8 per image here).
+# MobileNetV2 recovered far less than ResNet-8 at 5e-4 there). Score only (and the no_finetune diagnostic): the
+# dense model takes about 28 min of one thread and a pruning run 3-5 min (MobileNetV2 costs 3.5x ResNet-8 per image).
 SUITES["fashion_mobilenet_protocol"] = replace(
     SUITES["fashion_protocol"], name="fashion_mobilenet_protocol", model="mobilenet_v2",
     model_kwargs={"width_mult": 0.5}, finetune_lr=2e-3,
