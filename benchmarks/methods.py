@@ -8,6 +8,7 @@ differ. ``*_fn`` methods add the FN-constrained stopping rule, ``*_cal`` decisio
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -67,6 +68,11 @@ class Context:
                                       logit_adjustment=logit_adjustment)
         return nn.CrossEntropyLoss()
 
+    def pass_seed(self, k: int) -> int:
+        """The seed of this seed's ``k``-th pass over the training data (fine-tuning pass ``k`` >= 1, BatchNorm
+        recalibration 0): the same for every method, so that every method sees the same shuffles."""
+        return self.seed * 7919 + k
+
     def finetuner(self, epochs: float, class_dependent: bool = True, after: Callable[[nn.Module], None] | None = None,
                   distill: float = 0.0, logit_adjustment: float = 0.0, ranking: float | None = None):
         """Fine-tuning for ``epochs`` with the chosen loss (see :meth:`loss`); ``distill`` > 0 blends in distillation
@@ -78,8 +84,8 @@ class Context:
 
         def finetune(m: nn.Module) -> None:
             counter["k"] += 1
-            torch.manual_seed(self.seed * 7919 + counter["k"])
-            self.loaders["generator"].manual_seed(self.seed * 7919 + counter["k"])  # same shuffles for every method
+            torch.manual_seed(self.pass_seed(counter["k"]))
+            self.loaders["generator"].manual_seed(self.pass_seed(counter["k"]))  # same shuffles for every method
             if after is not None:
                 after(m)
             train(m, self.loaders["train"], loss, epochs=epochs, lr=lr, schedule=self.suite.finetune_schedule,
@@ -98,13 +104,11 @@ class Context:
             for b in norms:
                 b.reset_running_stats()
                 b.momentum = None
-            self.loaders["generator"].manual_seed(self.seed * 7919)
+            self.loaders["generator"].manual_seed(self.pass_seed(0))
             was_training = m.training
             m.train()
             with torch.no_grad():
-                for i, (x, _) in enumerate(self.loaders["train"]):
-                    if i == batches:
-                        break
+                for x, _ in itertools.islice(self.loaders["train"], batches):
                     m(x)
             m.train(was_training)
             for b, mom in zip(norms, saved):
