@@ -94,6 +94,7 @@ COMPARISONS = {
     # the score_only schedule with no fine-tuning: the score's choice of channels alone (a diagnostic)
     "no_finetune": ("nf_fisher", ("nf_tp_taylor", "nf_tp_magnitude")),
 }
+NO_FINETUNE = (COMPARISONS["no_finetune"][0], *COMPARISONS["no_finetune"][1])  # its methods, for the suites
 # Variants of one method that differ in one thing -> the method they are measured against (paired, same seeds): the
 # fine-tuning loss (class-dependent vs cross-entropy), distillation, logit adjustment, the ranking term. summarize.py
 # adds the paired difference of each to its reference (``paired_reference``) and a table of them to headline.md.
@@ -109,8 +110,7 @@ VARIANTS = {
 PROTOCOL_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_nni_l1", "so_fisher_margin",
                     "so_fisher_agnostic", "pl_nni_taylor", "so_taylor_signed", "fb_fisher", "fb_tp_taylor",
                     "fb_tp_magnitude", "pl_ours_calibrated", "pl_ours_ce", "so_fisher_omega4", "pl_ours_kd",
-                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc", "nf_fisher",
-                    "nf_tp_taylor", "nf_tp_magnitude")
+                    "so_tp_taylor_kd", "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc") + NO_FINETUNE
 SUITES["fashion_protocol"] = Suite(
     "fashion_protocol", FASHION_20K, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     PROTOCOL_METHODS, (0, 1, 2, 3, 4), dense_epochs=15, finetune_epochs=1.0,
@@ -123,8 +123,7 @@ SCORE_VARIANTS = ("so_fisher", "so_fisher_agnostic", "so_fisher_margin", "so_fis
 SUITES["digits_protocol"] = Suite(
     "digits_protocol", DIGITS, "cifar_resnet", {"depth": 8, "width": 16}, "structured", (2.0, 3.0),
     SCORE_VARIANTS + ("so_tp_taylor", "so_tp_magnitude", "pl_ours", "pl_ours_ce", "pl_ours_kd", "so_tp_taylor_kd",
-                      "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc", "nf_fisher", "nf_tp_taylor",
-                      "nf_tp_magnitude"),
+                      "pl_ours_la", "so_tp_taylor_la", "pl_ours_rank", "pl_ours_pauc") + NO_FINETUNE,
     (0, 1, 2, 3, 4), dense_epochs=15,
     finetune_epochs=1.0,
     batch_size=64, lr=3e-3, dense_loss="ce", dense_schedule="cosine", weight_decay=5e-4, finetune_lr=5e-4,
@@ -160,7 +159,7 @@ SUITES["digits_mobilenet_protocol"] = Suite(
 SUITES["fashion_mobilenet_protocol"] = replace(
     SUITES["fashion_protocol"], name="fashion_mobilenet_protocol", model="mobilenet_v2",
     model_kwargs={"width_mult": 0.5}, finetune_lr=2e-3,
-    methods=("so_fisher", "so_tp_taylor", "so_tp_magnitude", "nf_fisher", "nf_tp_taylor", "nf_tp_magnitude"))
+    methods=("so_fisher", "so_tp_taylor", "so_tp_magnitude") + NO_FINETUNE)
 
 # The loss ablation: the same digits protocol from dense models trained with the class-dependent loss (the paper's
 # dense training) instead of plain cross-entropy; everything after the dense model is unchanged.
