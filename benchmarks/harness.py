@@ -11,7 +11,7 @@ import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -90,17 +90,57 @@ def _dense(suite: Suite, seed: int, bundle: Any, loaders: dict[str, Any]) -> tup
     return model, init, early, seconds
 
 
+def dense_id(model: nn.Module) -> str:
+    """The fingerprint of a dense model: sha1 of its state_dict (names and values), 12 hex digits. Every row carries
+    the fingerprint of the dense model it was measured on, so that rows of two different dense models of one seed (a
+    cache lost and retrained by other code) are never paired."""
+    h = hashlib.sha1()
+    for name, value in model.state_dict().items():
+        h.update(name.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+class DenseMismatchError(RuntimeError):
+    """Rows of a suite and seed were measured on another dense model than the one the run would add rows from."""
+
+
+# What identifies the dense model of rows written before rows carried ``dense_id``: its seed's dense row.
+DENSE_IDENTITY = ("fn", "fp", "accuracy", "auc")
+
+
+def foreign_rows(rows: list[dict[str, Any]], did: str, measured: Callable[[], dict[str, Any]]) -> list[dict[str, Any]]:
+    """Those of ``rows`` (one suite and seed) that were measured on another dense model than the one whose fingerprint
+    is ``did``. A row names its dense model by ``dense_id``; rows without it (written before the field existed)
+    belong to the model their seed's dense row measured, which is this one if ``measured()`` (this model's test
+    metrics, called only then) gives the same FN, FP, accuracy and AUC."""
+    foreign = [r for r in rows if r.get("dense_id", did) != did]
+    legacy = [r for r in rows if "dense_id" not in r]
+    if legacy:
+        row = next((r for r in legacy if r["method"] == "dense"), None)
+        now = measured()
+        if row is None or any(abs(row[k] - now[k]) > 1e-6 for k in DENSE_IDENTITY):
+            foreign += legacy
+    return foreign
+
+
+def class_metrics(test: tuple[Any, Any], important: list[int], num_classes: int) -> dict[str, Any]:
+    """The (first) important class's FN, FN rate, FP, AUC and AP and the accuracy, from test predictions."""
+    ev = evaluate_predictions(*test, important, num_classes)
+    c = important[0]
+    return {"fn": ev.fn[c], "fn_rate": ev.fn[c] / max(ev.support[c], 1), "fp": ev.fp[c], "accuracy": ev.accuracy,
+            "auc": ev.auc[c], "ap": ev.ap[c]}
+
+
 def measure(model: nn.Module, ctx: Context, unstructured: bool, dense_macs: int) -> dict[str, Any]:
     test = predict(model, ctx.loaders["test"])
-    ev = evaluate_predictions(*test, ctx.important, ctx.num_classes)
     c = ctx.important[0]
     # FN at the dense model's validation FPR: threshold chosen on validation, applied to test.
     op = fn_at_fpr(predict(model, ctx.loaders["val"]), test, c, ctx.dense_fpr)
     params, macs = count_params_macs(model, torch.zeros(1, *ctx.input_shape))
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     row = {
-        "fn": ev.fn[c], "fn_rate": ev.fn[c] / max(ev.support[c], 1), "fp": ev.fp[c], "accuracy": ev.accuracy,
-        "auc": ev.auc[c], "ap": ev.ap[c], "params": params - zeros if unstructured else params,
+        **class_metrics(test, ctx.important, ctx.num_classes), "params": params - zeros if unstructured else params,
         "fn_at_dense_fpr": op.test_fn, "fpr_at_dense_fpr": op.test_fpr, "dense_val_fpr": ctx.dense_fpr,
         "fn_at_test_fpr": fn_at_test_fpr(test, c, ctx.dense_fpr),
         "macs": macs if not unstructured else dense_macs,
@@ -129,7 +169,7 @@ def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
     a suite is appending rows. Returns the number of rows completed."""
     raw = out / "raw.jsonl"
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
-    loaders: dict[tuple[str, int], Any] = {}
+    data: dict[tuple[str, int], Any] = {}
     done = 0
     for r in progress_bar(rows, desc="rescore"):
         suite = SUITES.get(r["suite"])
@@ -138,10 +178,17 @@ def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
         model = _kept_model(suite, r, out)
         if model is None:
             continue
-        if (suite.name, r["seed"]) not in loaders:
-            loaders[(suite.name, r["seed"])] = _data(suite, r["seed"])[1]
-        test = predict(model.eval(), loaders[(suite.name, r["seed"])]["test"])
-        r["fn_at_test_fpr"] = fn_at_test_fpr(test, suite.data.important[0], r["dense_val_fpr"])
+        if (suite.name, r["seed"]) not in data:
+            data[(suite.name, r["seed"])] = _data(suite, r["seed"])
+        bundle, loaders = data[(suite.name, r["seed"])]
+        test = predict(model.eval(), loaders["test"])
+        important = list(suite.data.important)
+        if r["method"] == "dense" and foreign_rows([r], dense_id(model),
+                                                   lambda: class_metrics(test, important, bundle.num_classes)):
+            log.warning("rescore: the cached dense model of %s seed %d is not the one its row measured; row left as "
+                        "it is", suite.name, r["seed"])
+            continue
+        r["fn_at_test_fpr"] = fn_at_test_fpr(test, important[0], r["dense_val_fpr"])
         done += 1
     atomic_write_text(raw, "".join(json.dumps(r) + "\n" for r in rows))
     return done
@@ -234,10 +281,16 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
         ctx = Context(suite, seed, dense, init, early, loaders, bundle.num_classes, bundle.input_shape, bundle.train_counts,
                       previous)
         ctx.dense_fpr = fpr_of(evaluate(dense, loaders["val"], ctx.important), ctx.important[0])
+        did = dense_id(dense)
+        todo = [(m, v) for m in ("dense", *suite.methods) for v in ((0.0,) if m == "dense" else suite.levels)
+                if (suite.name, m, v, seed) not in done]
+        if todo:  # before any work of this seed: new rows must be paired with the ones already there
+            _check_dense(raw, suite, seed, did, [r for k, r in done.items() if k[0] == suite.name and k[3] == seed],
+                         lambda: class_metrics(predict(dense, loaders["test"]), ctx.important, ctx.num_classes))
         dense_macs = count_params_macs(dense, torch.zeros(1, *bundle.input_shape))[1]
         if (suite.name, "dense", 0.0, seed) not in done:
             row = {"suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
-                   "method": "dense", "level": 0.0, "seed": seed, "class_aware": None,
+                   "method": "dense", "level": 0.0, "seed": seed, "class_aware": None, "dense_id": did,
                    "train_seconds": dense_seconds, **measure(dense, ctx, False, dense_macs)}
             _append(raw, row)
             rows.append(row)
@@ -253,7 +306,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                     "suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,
                     "level": level,
                     "level_kind": {"structured": "macs_reduction", "unstructured": "sparsity", "nni": "sparse_ratio"}[suite.regime],
-                    "method": method, "class_aware": method in CLASS_AWARE, "seed": seed,
+                    "method": method, "class_aware": method in CLASS_AWARE, "seed": seed, "dense_id": did,
                     "comparison": comparison_of(method),
                     "seconds": time.time() - t, **info,
                     **measure(model, ctx, suite.regime == "unstructured", dense_macs),
@@ -266,6 +319,17 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                 done[(suite.name, method, level, seed)] = row
                 rows.append(row)
     return rows
+
+
+def _check_dense(raw: Path, suite: Suite, seed: int, did: str, rows: list[dict[str, Any]],
+                 measured: Callable[[], dict[str, Any]]) -> None:
+    foreign = foreign_rows(rows, did, measured)
+    if foreign:
+        raise DenseMismatchError(
+            f"{raw}: {len(foreign)} rows of suite {suite.name!r} seed {seed} (methods "
+            f"{', '.join(sorted({r['method'] for r in foreign}))}) were measured on another dense model than "
+            f"{_dense_path(suite, seed)} (dense_id {did}), so rows added now could not be paired with them. Restore "
+            "that dense model, run into a new --out folder, or delete that seed's rows of the suite to re-run them.")
 
 
 def comparison_of(method: str) -> str:

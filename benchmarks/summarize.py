@@ -27,6 +27,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
     # Several concurrent processes of one suite each write the dense row of a seed they share: keep one per key.
     rows = list({(r["suite"], r["method"], r["level"], r["seed"]): r for r in rows}.values())
+    check_dense_ids(rows, raw)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     dense: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in rows:
@@ -60,6 +61,18 @@ def summarize(out: Path) -> dict[str, Any] | None:
     (out / "headline.md").write_text(headline(summary) + "\n" + comparisons(summary))
     plots(summary, out)
     return summary
+
+
+def check_dense_ids(rows: list[dict[str, Any]], raw: Path) -> None:
+    """Raise ValueError if a row names (``dense_id``) another dense model than its seed's dense row: the rows of one
+    suite and seed are paired, so they must come from one dense model. (Rows written before ``dense_id`` existed
+    cannot be checked here; the harness checks them against the cached model before it adds rows.)"""
+    dense = {(r["suite"], r["seed"]): r.get("dense_id") for r in rows if r["method"] == "dense"}
+    bad = [r for r in rows if "dense_id" in r and dense.get((r["suite"], r["seed"]), r["dense_id"]) != r["dense_id"]]
+    if bad:
+        which = sorted({(r["suite"], r["seed"], r["method"]) for r in bad})
+        raise ValueError(f"{raw}: {len(bad)} rows were measured on another dense model than their seed's dense row "
+                         f"(suite, seed, method: {which[:5]}{' ...' if len(which) > 5 else ''}); they cannot be paired")
 
 
 def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict[str, Any] | None:

@@ -161,3 +161,57 @@ def test_bn_recalibration_re_estimates_the_statistics_and_touches_nothing_else()
     assert model[0].momentum == 0.3 and not model.training
     for k, v in before.items():
         assert torch.equal(model.state_dict()[k], v), k
+
+
+def test_dense_fingerprint_tells_two_dense_models_apart():
+    import copy
+
+    import torch
+    from torch import nn
+
+    from benchmarks.harness import dense_id
+
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(4, 3), nn.BatchNorm1d(3))
+    b = copy.deepcopy(a)
+    assert dense_id(a) == dense_id(b) and len(dense_id(a)) == 12
+    with torch.no_grad():
+        b[0].weight[0, 0] += 1e-6  # one value, one ulp-scale change: another model
+    assert dense_id(a) != dense_id(b)
+
+
+def test_rows_of_another_dense_model_are_refused_before_rows_are_added(tmp_path):
+    from benchmarks.harness import DenseMismatchError, _check_dense, foreign_rows
+    from benchmarks.suites import SUITES
+
+    ident = {"fn": 4, "fp": 0, "accuracy": 0.98, "auc": 0.9998}
+    calls = []
+
+    def measured():
+        calls.append(1)
+        return ident
+
+    tagged = [{"method": "dense", "dense_id": "aaa"}, {"method": "so_fisher", "dense_id": "aaa"},
+              {"method": "nf_fisher", "dense_id": "bbb"}]
+    assert [r["method"] for r in foreign_rows(tagged, "aaa", measured)] == ["nf_fisher"] and not calls
+    # Rows written before dense_id existed belong to the model their seed's dense row measured.
+    legacy = [{"method": "dense", **ident}, {"method": "so_fisher"}]
+    assert foreign_rows(legacy, "aaa", measured) == [] and calls == [1]
+    other = [{"method": "dense", **ident, "fn": 5}, {"method": "so_fisher"}]
+    assert [r["method"] for r in foreign_rows(other, "aaa", measured)] == ["dense", "so_fisher"]
+    assert [r["method"] for r in foreign_rows([{"method": "so_fisher"}], "aaa", measured)] == ["so_fisher"]
+
+    with pytest.raises(DenseMismatchError, match=r"suite 'digits_protocol' seed 3 \(methods dense, so_fisher\).*--out"):
+        _check_dense(tmp_path / "raw.jsonl", SUITES["digits_protocol"], 3, "aaa", other, measured)
+
+
+def test_summary_refuses_to_pair_rows_of_two_dense_models(tmp_path):
+    rows = [{**_row("so_fisher", 0, 10, True), "dense_id": "bbb"}, {**_row("so_tp_taylor", 0, 12, False), "dense_id": "aaa"},
+            {"suite": "s", "dataset": "d", "model": "m", "regime": "structured", "method": "dense", "level": 0.0,
+             "seed": 0, "class_aware": None, "fn": 20, "fp": 1, "accuracy": 0.95, "auc": 0.97, "dense_id": "aaa"}]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(ValueError, match=r"\('s', 0, 'so_fisher'\).*cannot be paired"):
+        summarize(tmp_path)
+    rows[0]["dense_id"] = "aaa"
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert len(summarize(tmp_path)["rows"]) == 2
