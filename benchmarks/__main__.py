@@ -64,6 +64,16 @@ def main() -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
     from .harness import RESULTS, remeasure_latency, rescore, run
+    from .summarize import DenseMismatchError, summarize
+
+    try:
+        _dispatch(args)
+    except DenseMismatchError as e:
+        p.exit(2, f"error: {e}\n")
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    from .harness import RESULTS, remeasure_latency, rescore, run
     from .summarize import summarize
 
     out = args.out or (RESULTS / "quick" if getattr(args, "quick", False) else RESULTS)

@@ -30,6 +30,7 @@ from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gra
 
 from .methods import CLASS_AWARE, NNI_METHODS, STRUCTURED, UNSTRUCTURED, Context
 from .suites import COMPARISONS, QUICK, SUITES, Suite
+from .summarize import DenseMismatchError
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
@@ -99,10 +100,6 @@ def dense_id(model: nn.Module) -> str:
         h.update(name.encode())
         h.update(value.detach().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:12]
-
-
-class DenseMismatchError(RuntimeError):
-    """Rows of a suite and seed were measured on another dense model than the one the run would add rows from."""
 
 
 # What identifies the dense model of rows written before rows carried ``dense_id``: its seed's dense row.

@@ -13,6 +13,10 @@ FIELDS = ("fn", "fn_rate", "fp", "accuracy", "auc", "ap", "params", "macs", "lat
           "fn_at_test_fpr")
 
 
+class DenseMismatchError(ValueError):
+    """Rows of one suite and seed were measured on different dense models, so they cannot be paired."""
+
+
 def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
     v = [float(x) for x in values if x is not None]
     if not v:
@@ -64,14 +68,14 @@ def summarize(out: Path) -> dict[str, Any] | None:
 
 
 def check_dense_ids(rows: list[dict[str, Any]], raw: Path) -> None:
-    """Raise ValueError if a row names (``dense_id``) another dense model than its seed's dense row: the rows of one
+    """Raise :class:`DenseMismatchError` if a row names (``dense_id``) another dense model than its seed's dense row: the rows of one
     suite and seed are paired, so they must come from one dense model. (Rows written before ``dense_id`` existed
     cannot be checked here; the harness checks them against the cached model before it adds rows.)"""
     dense = {(r["suite"], r["seed"]): r.get("dense_id") for r in rows if r["method"] == "dense"}
     bad = [r for r in rows if "dense_id" in r and dense.get((r["suite"], r["seed"]), r["dense_id"]) != r["dense_id"]]
     if bad:
         which = sorted({(r["suite"], r["seed"], r["method"]) for r in bad})
-        raise ValueError(f"{raw}: {len(bad)} rows were measured on another dense model than their seed's dense row "
+        raise DenseMismatchError(f"{raw}: {len(bad)} rows were measured on another dense model than their seed's dense row "
                          f"(suite, seed, method: {which[:5]}{' ...' if len(which) > 5 else ''}); they cannot be paired")
 
 
