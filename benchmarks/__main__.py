@@ -1,7 +1,8 @@
 """python -m benchmarks run [--quick] [--suite NAME ...] [--out DIR]; python -m benchmarks latency|rescore [--suite NAME ...]
 [--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
 python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...];
-python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda]"""
+python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda];
+python -m benchmarks dense-loss [--suite NAME ...] [--out DIR]"""
 from __future__ import annotations
 
 import argparse
@@ -19,7 +20,7 @@ def _positive_int(text: str) -> int:
 
 
 def main() -> None:
-    from .suites import SUITES
+    from .suites import LOSS_ABLATION, SUITES
 
     suites = sorted(SUITES)
     methods = sorted({m for suite in SUITES.values() for m in suite.methods})
@@ -53,6 +54,12 @@ def main() -> None:
     jt.add_argument("--out", type=Path)
     jt.add_argument("--backends", nargs="*", choices=["torch-pruning", "nni"], metavar="BACKEND")
     jt.add_argument("--nproc", type=_positive_int, default=1, help="processes of the job (classaware-prune run --nproc)")
+    dl = sub.add_parser("dense-loss", help="dense models trained with cross-entropy vs the class-dependent loss, FN at "
+                        "the cross-entropy model's FPR (results/dense_loss.md)")
+    dl.add_argument("--suite", nargs="*", choices=sorted(LOSS_ABLATION), metavar="SUITE",
+                    help=f"cross-entropy suites (default: all): {', '.join(sorted(LOSS_ABLATION))}")
+    dl.add_argument("--out", type=Path)
+    dl.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
     tp_.add_argument("--out", type=Path)
     tp_.add_argument("--nproc", type=_positive_int, nargs="*", default=[1, 2], help="process counts (default: 1 2)")
@@ -74,6 +81,7 @@ def main() -> None:
 
 def _dispatch(args: argparse.Namespace) -> None:
     from .harness import RESULTS, remeasure_latency, rescore, run
+    from .suites import LOSS_ABLATION
     from .summarize import summarize
 
     out = args.out or (RESULTS / "quick" if getattr(args, "quick", False) else RESULTS)
@@ -102,6 +110,15 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run_speed(out, tuple(args.models or MODELS))
+        return
+    elif args.cmd == "dense-loss":
+        import torch
+
+        from .dense_loss import run as run_dense_loss
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_dense_loss(out, tuple(args.suite or sorted(LOSS_ABLATION)))
         return
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime

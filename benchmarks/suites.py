@@ -171,6 +171,8 @@ SUITES["digits_protocol_cdl"] = replace(SUITES["digits_protocol"], name="digits_
 SUITES["fashion_protocol_cdl"] = replace(SUITES["fashion_protocol"], name="fashion_protocol_cdl",
                                          dense_loss="class_dependent",
                                          methods=("so_fisher", "so_tp_taylor", "so_tp_magnitude"))
+LOSS_ABLATION = {"fashion_protocol": "fashion_protocol_cdl", "digits_protocol": "digits_protocol_cdl"}
+"""A suite whose dense models are trained with cross-entropy -> its twin trained with the class-dependent loss."""
 
 QUICK = {
     "digits_protocol": dict(levels=(2.0,), seeds=(0,)),

@@ -215,3 +215,19 @@ def test_summary_refuses_to_pair_rows_of_two_dense_models(tmp_path):
     rows[0]["dense_id"] = "aaa"
     (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert len(summarize(tmp_path)["rows"]) == 2
+
+
+def test_dense_loss_pairs_the_two_dense_models_of_each_seed():
+    from benchmarks.dense_loss import METRICS, summarize as summarize_dense, table
+
+    def model(fn):
+        return {**{m: 0.5 for m in METRICS}, "fn_at_dense_fpr": fn}
+
+    rows = [{"suite": "s", "seed": k, "ce": model(100 + k), "class_dependent": model(90 + 2 * k)} for k in range(3)]
+    s = summarize_dense(rows)["s"]
+    assert s["ce_fn_at_dense_fpr_mean"] == 101 and s["class_dependent_fn_at_dense_fpr_mean"] == 92
+    p = s["fn_at_dense_fpr_paired"]  # differences -10, -9, -8
+    half = 4.3027 / 3 ** 0.5  # t(0.975, 2 dof) * sd 1 / sqrt(3)
+    assert p["mean_diff"] == -9 and p["ci_low"] == pytest.approx(-9 - half, abs=1e-3)
+    assert p["ci_high"] == pytest.approx(-9 + half, abs=1e-3)
+    assert "| s | fn_at_dense_fpr | 101.0 ± 0.8 | 92.0 ± 1.6 | -9.0 (" in table({"s": s})
