@@ -70,8 +70,7 @@ def main() -> None:
     for noisy in ("classaware_plugin", "torch_pruning", "nni"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
-    from .harness import RESULTS, remeasure_latency, rescore, run
-    from .summarize import DenseMismatchError, summarize
+    from .summarize import DenseMismatchError
 
     try:
         _dispatch(args)

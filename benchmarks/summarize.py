@@ -68,15 +68,17 @@ def summarize(out: Path) -> dict[str, Any] | None:
 
 
 def check_dense_ids(rows: list[dict[str, Any]], raw: Path) -> None:
-    """Raise :class:`DenseMismatchError` if a row names (``dense_id``) another dense model than its seed's dense row: the rows of one
-    suite and seed are paired, so they must come from one dense model. (Rows written before ``dense_id`` existed
-    cannot be checked here; the harness checks them against the cached model before it adds rows.)"""
+    """Raise :class:`DenseMismatchError` if a row names (``dense_id``) another dense model than its seed's dense row:
+    the rows of one suite and seed are paired, so they must come from one dense model. (Rows written before
+    ``dense_id`` existed cannot be checked here; the harness checks them against the cached model before it adds
+    rows.)"""
     dense = {(r["suite"], r["seed"]): r.get("dense_id") for r in rows if r["method"] == "dense"}
     bad = [r for r in rows if "dense_id" in r and dense.get((r["suite"], r["seed"]), r["dense_id"]) != r["dense_id"]]
     if bad:
         which = sorted({(r["suite"], r["seed"], r["method"]) for r in bad})
-        raise DenseMismatchError(f"{raw}: {len(bad)} rows were measured on another dense model than their seed's dense row "
-                         f"(suite, seed, method: {which[:5]}{' ...' if len(which) > 5 else ''}); they cannot be paired")
+        raise DenseMismatchError(f"{raw}: {len(bad)} rows were measured on another dense model than their seed's "
+                                 f"dense row (suite, seed, method: {which[:5]}{' ...' if len(which) > 5 else ''}); "
+                                 "they cannot be paired")
 
 
 def paired_difference(ours: dict[int, float], base: dict[int, float]) -> dict[str, Any] | None:
