@@ -17,10 +17,9 @@ from typing import Any
 
 import numpy as np
 
-from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
 from classaware_plugin.export import atomic_write_text
 
-from .harness import _data, _dense, class_metrics, dense_id, fn_at_test_fpr
+from .harness import _data, _dense, dense_id, dense_val_fpr, operating_point
 from .suites import LOSS_ABLATION, SUITES
 from .summarize import paired_difference
 
@@ -36,13 +35,10 @@ def measure(suite: str, seed: int) -> dict[str, Any]:
     bundle, loaders = _data(pair["ce"], seed)
     important = list(pair["ce"].data.important)
     models = {k: _dense(s, seed, bundle, loaders)[0].eval() for k, s in pair.items()}
-    fpr = fpr_of(evaluate(models["ce"], loaders["val"], important), important[0])
+    fpr = dense_val_fpr(models["ce"], loaders, important)
     row: dict[str, Any] = {"suite": suite, "seed": seed, "dense_val_fpr": fpr}
     for k, model in models.items():
-        test = predict(model, loaders["test"])
-        row[k] = {"dense_id": dense_id(model), **class_metrics(test, important, bundle.num_classes),
-                  "fn_at_dense_fpr": fn_at_fpr(predict(model, loaders["val"]), test, important[0], fpr).test_fn,
-                  "fn_at_test_fpr": fn_at_test_fpr(test, important[0], fpr)}
+        row[k] = {"dense_id": dense_id(model), **operating_point(model, loaders, important, bundle.num_classes, fpr)}
     return row
 
 

@@ -129,17 +129,30 @@ def class_metrics(test: tuple[Any, Any], important: list[int], num_classes: int)
             "auc": ev.auc[c], "ap": ev.ap[c]}
 
 
+def dense_val_fpr(dense: nn.Module, loaders: dict[str, Any], important: list[int]) -> float:
+    """The dense model's validation FPR of the (first) important class at argmax: the operating point at which
+    every model of its seed is read (:func:`operating_point`)."""
+    return fpr_of(evaluate(dense, loaders["val"], important), important[0])
+
+
+def operating_point(model: nn.Module, loaders: dict[str, Any], important: list[int], num_classes: int,
+                    fpr: float) -> dict[str, Any]:
+    """:func:`class_metrics` on test, and FN at FPR ``fpr`` (the dense model's, :func:`dense_val_fpr`): with the
+    threshold chosen on validation and applied to test (``fn_at_dense_fpr``, ``fpr_at_dense_fpr``), and read on the
+    test ROC (``fn_at_test_fpr``)."""
+    test = predict(model, loaders["test"])
+    c = important[0]
+    op = fn_at_fpr(predict(model, loaders["val"]), test, c, fpr)
+    return {**class_metrics(test, important, num_classes), "fn_at_dense_fpr": op.test_fn,
+            "fpr_at_dense_fpr": op.test_fpr, "fn_at_test_fpr": fn_at_test_fpr(test, c, fpr)}
+
+
 def measure(model: nn.Module, ctx: Context, unstructured: bool, dense_macs: int) -> dict[str, Any]:
-    test = predict(model, ctx.loaders["test"])
-    c = ctx.important[0]
-    # FN at the dense model's validation FPR: threshold chosen on validation, applied to test.
-    op = fn_at_fpr(predict(model, ctx.loaders["val"]), test, c, ctx.dense_fpr)
     params, macs = count_params_macs(model, torch.zeros(1, *ctx.input_shape))
     zeros = sum(int((p == 0).sum()) for p in model.parameters())
     row = {
-        **class_metrics(test, ctx.important, ctx.num_classes), "params": params - zeros if unstructured else params,
-        "fn_at_dense_fpr": op.test_fn, "fpr_at_dense_fpr": op.test_fpr, "dense_val_fpr": ctx.dense_fpr,
-        "fn_at_test_fpr": fn_at_test_fpr(test, c, ctx.dense_fpr),
+        **operating_point(model, ctx.loaders, ctx.important, ctx.num_classes, ctx.dense_fpr),
+        "dense_val_fpr": ctx.dense_fpr, "params": params - zeros if unstructured else params,
         "macs": macs if not unstructured else dense_macs,
     }
     return {**row, **latencies(model, ctx.input_shape)}
@@ -277,7 +290,7 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
 
         ctx = Context(suite, seed, dense, init, early, loaders, bundle.num_classes, bundle.input_shape, bundle.train_counts,
                       previous)
-        ctx.dense_fpr = fpr_of(evaluate(dense, loaders["val"], ctx.important), ctx.important[0])
+        ctx.dense_fpr = dense_val_fpr(dense, loaders, ctx.important)
         did = dense_id(dense)
         todo = [(m, v) for m in ("dense", *suite.methods) for v in ((0.0,) if m == "dense" else suite.levels)
                 if (suite.name, m, v, seed) not in done]
