@@ -292,9 +292,8 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                       previous)
         ctx.dense_fpr = dense_val_fpr(dense, loaders, ctx.important)
         did = dense_id(dense)
-        todo = [(m, v) for m in ("dense", *suite.methods) for v in ((0.0,) if m == "dense" else suite.levels)
-                if (suite.name, m, v, seed) not in done]
-        if todo:  # before any work of this seed: new rows must be paired with the ones already there
+        keys = [(suite.name, "dense", 0.0, seed)] + [(suite.name, m, v, seed) for m in suite.methods for v in suite.levels]
+        if any(k not in done for k in keys):  # before any work of this seed: new rows must pair with the ones there
             _check_dense(raw, suite, seed, did, [r for k, r in done.items() if k[0] == suite.name and k[3] == seed],
                          lambda: class_metrics(predict(dense, loaders["test"]), ctx.important, ctx.num_classes))
         dense_macs = count_params_macs(dense, torch.zeros(1, *bundle.input_shape))[1]
