@@ -171,6 +171,14 @@ SUITES["digits_protocol_cdl"] = replace(SUITES["digits_protocol"], name="digits_
 SUITES["fashion_protocol_cdl"] = replace(SUITES["fashion_protocol"], name="fashion_protocol_cdl",
                                          dense_loss="class_dependent",
                                          methods=("so_fisher", "so_tp_taylor", "so_tp_magnitude"))
+# Beyond issue 10's levels: the score-only comparison at 5x and 10x MACs, on the same dense models (their settings are
+# identical, so the cache is shared). Hypothesis: at 2x / 3x fine-tuning recovers whatever channels a score removed
+# (before fine-tuning Fisher is level with TP magnitude), so the choice of channels may only show where few are left.
+HIGH_METHODS = ("so_fisher", "so_tp_taylor", "so_tp_magnitude")
+SUITES["fashion_protocol_high"] = replace(SUITES["fashion_protocol"], name="fashion_protocol_high", levels=(5.0, 10.0),
+                                          methods=HIGH_METHODS)
+SUITES["digits_protocol_high"] = replace(SUITES["digits_protocol"], name="digits_protocol_high", levels=(5.0, 10.0),
+                                         methods=HIGH_METHODS)
 LOSS_ABLATION = {"fashion_protocol": "fashion_protocol_cdl", "digits_protocol": "digits_protocol_cdl"}
 """A suite whose dense models are trained with cross-entropy -> its twin trained with the class-dependent loss."""
 
@@ -181,6 +189,7 @@ QUICK = {
     "digits_unstructured": dict(levels=(0.9,), seeds=(0,), methods=("ours_taylor", "magnitude", "snip")),
 }
 FULL = ("fashion_protocol", "digits_protocol", "cancer_protocol", "digits_unstructured_protocol",
-        "digits_mobilenet_protocol", "fashion_mobilenet_protocol", "digits_protocol_cdl", "fashion_protocol_cdl", "fashion_structured",
+        "digits_mobilenet_protocol", "fashion_mobilenet_protocol", "digits_protocol_cdl", "fashion_protocol_cdl",
+        "fashion_protocol_high", "digits_protocol_high", "fashion_structured",
         "fashion_mobilenet", "nni_fashion", "fashion_ablation", "digits_ablation", "cancer_unstructured",
         "digits_structured", "digits_unstructured")
