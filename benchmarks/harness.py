@@ -281,6 +281,9 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
     methods = {"structured": {**STRUCTURED, **NNI_METHODS}, "unstructured": UNSTRUCTURED, "nni": NNI_METHODS}[suite.regime]
     rows = []
     for seed in suite.seeds:
+        keys = [(suite.name, "dense", 0.0, seed)] + [(suite.name, m, v, seed) for m in suite.methods for v in suite.levels]
+        if all(k in done for k in keys):
+            continue  # nothing left to do: neither data nor a dense model (trained afresh on a cold cache) is needed
         bundle, loaders = _data(suite, seed)
         dense, init, early, dense_seconds = _dense(suite, seed, bundle, loaders)
 
@@ -292,10 +295,9 @@ def run_suite(suite: Suite, out: Path) -> list[dict[str, Any]]:
                       previous)
         ctx.dense_fpr = dense_val_fpr(dense, loaders, ctx.important)
         did = dense_id(dense)
-        keys = [(suite.name, "dense", 0.0, seed)] + [(suite.name, m, v, seed) for m in suite.methods for v in suite.levels]
-        if any(k not in done for k in keys):  # before any work of this seed: new rows must pair with the ones there
-            _check_dense(raw, suite, seed, did, [r for k, r in done.items() if k[0] == suite.name and k[3] == seed],
-                         lambda: class_metrics(predict(dense, loaders["test"]), ctx.important, ctx.num_classes))
+        # before any work of this seed: new rows must pair with the ones there
+        _check_dense(raw, suite, seed, did, [r for k, r in done.items() if k[0] == suite.name and k[3] == seed],
+                     lambda: class_metrics(predict(dense, loaders["test"]), ctx.important, ctx.num_classes))
         dense_macs = count_params_macs(dense, torch.zeros(1, *bundle.input_shape))[1]
         if (suite.name, "dense", 0.0, seed) not in done:
             row = {"suite": suite.name, "dataset": suite.data.label, "model": suite.model, "regime": suite.regime,

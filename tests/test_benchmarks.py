@@ -231,3 +231,24 @@ def test_dense_loss_pairs_the_two_dense_models_of_each_seed():
     assert p["mean_diff"] == -9 and p["ci_low"] == pytest.approx(-9 - half, abs=1e-3)
     assert p["ci_high"] == pytest.approx(-9 + half, abs=1e-3)
     assert "| s | fn_at_dense_fpr | 101.0 ± 0.8 | 92.0 ± 1.6 | -9.0 (" in table({"s": s})
+
+
+def test_a_seed_with_every_row_done_loads_neither_data_nor_a_dense_model(tmp_path, monkeypatch):
+    from dataclasses import replace
+
+    import benchmarks.harness as harness
+    from benchmarks.suites import SUITES
+
+    suite = replace(SUITES["digits_protocol"], name="s", methods=("so_fisher",), levels=(2.0,), seeds=(0, 1))
+    rows = [{"suite": "s", "method": m, "level": v, "seed": 0} for m, v in (("dense", 0.0), ("so_fisher", 2.0))]
+    (tmp_path / "raw.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    loaded = []
+
+    def data(suite, seed):
+        loaded.append(seed)
+        raise RuntimeError("stop")  # seed 1 has work: it gets as far as loading its data
+
+    monkeypatch.setattr(harness, "_data", data)
+    with pytest.raises(RuntimeError, match="stop"):
+        harness.run_suite(suite, tmp_path)
+    assert loaded == [1]
