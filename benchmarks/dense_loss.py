@@ -15,13 +15,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from classaware_plugin.export import atomic_write_text
 
 from .harness import _data, _dense, dense_id, dense_val_fpr, operating_point
 from .suites import LOSS_ABLATION, SUITES
-from .summarize import paired_difference
+from .summarize import mean_std, paired_difference
 
 log = logging.getLogger("benchmarks")
 LOSSES = ("ce", "class_dependent")
@@ -50,8 +48,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         s: dict[str, Any] = {"seeds": len(rs)}
         for m in METRICS:
             for k in LOSSES:
-                v = [float(r[k][m]) for r in rs]
-                s[f"{k}_{m}_mean"], s[f"{k}_{m}_std"] = float(np.mean(v)), float(np.std(v))
+                s[f"{k}_{m}_mean"], s[f"{k}_{m}_std"] = mean_std([r[k][m] for r in rs])
             s[f"{m}_paired"] = paired_difference({r["seed"]: r["class_dependent"][m] for r in rs},
                                                  {r["seed"]: r["ce"][m] for r in rs})
         out[suite] = s

@@ -17,7 +17,8 @@ class DenseMismatchError(ValueError):
     """Rows of one suite and seed were measured on different dense models, so they cannot be paired."""
 
 
-def _mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
+    """Mean and (population) standard deviation of the values that are not None; (None, None) when there are none."""
     v = [float(x) for x in values if x is not None]
     if not v:
         return None, None
@@ -45,7 +46,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
         row: dict[str, Any] = {"suite": suite, "dataset": dataset, "model": model, "regime": regime, "level": level,
                                "level_kind": kind, "method": method, "class_aware": aware, "seeds": len(rs)}
         for f in FIELDS:
-            m, s = _mean_std([r.get(f) for r in rs])
+            m, s = mean_std([r.get(f) for r in rs])
             row[f"{f}_mean"], row[f"{f}_std"] = m, s
         row["latency_ms_b1"], row["score_seconds"] = row["latency_ms_b1_mean"], row["score_seconds_mean"]  # issue's keys
         row["stop_reasons"] = sorted({r.get("stop_reason") for r in rs if r.get("stop_reason")})
@@ -56,7 +57,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
     for suite, rs in dense.items():
         d = {"dataset": rs[0]["dataset"], "model": rs[0]["model"], "seeds": len(rs)}
         for f in FIELDS:
-            d[f"{f}_mean"], d[f"{f}_std"] = _mean_std([r.get(f) for r in rs])
+            d[f"{f}_mean"], d[f"{f}_std"] = mean_std([r.get(f) for r in rs])
         dense_summary[suite] = d
     paired(summary_rows, groups, dense)
     summary = {"rows": summary_rows, "dense": dense_summary}
