@@ -58,13 +58,15 @@ def create_backend(
     round_to: int | None = None,
     latency_probe: Callable[[nn.Module], float] | None = None,
     rewind_model: Callable[[], nn.Module] | None = None,
+    cert_loader: Iterable[Any] | None = None,
 ) -> PruningBackend:
     """A backend for :class:`~classaware_plugin.core.FNConstrainedPruning` that prunes ``model`` in place.
 
     ``"torch-pruning"`` and ``"nni"`` remove channels (every prunable layer; the classifier is kept), scored by
     ``score`` (:func:`~classaware_plugin.core.make_score` names and ``score_options``), ``round_to`` channels at a
     time; ``"unstructured"`` zeroes single weights with ``torch.nn.utils.prune``. ``rewind_model()`` gives the
-    initial weights for scores that need them (``needs_rewind``, e.g. ``magnitude_increase``).
+    initial weights for scores that need them (``needs_rewind``, e.g. ``magnitude_increase``). ``cert_loader``: the
+    certified rule's held-out split (:class:`~classaware_plugin.core.FNGuarantee`).
     """
     check_choice("backend", name, BACKENDS)
     require_framework(name)
@@ -79,7 +81,8 @@ def create_backend(
         if needs_rewind:
             s.set_rewind_point(rewind_model())  # type: ignore[misc]
         return UnstructuredBackend(model, s, val_loader, important_classes, calib_loader, finetune,
-                                   calib_batches=calib_batches, macs=count_params_macs(model, example_inputs)[1])
+                                   calib_batches=calib_batches, macs=count_params_macs(model, example_inputs)[1],
+                                   cert_loader=cert_loader)
     if name == "nni":
         if needs_rewind:
             raise ClassAwareError(f"The score {score!r} is not available with the nni backend; use fisher.")
@@ -87,7 +90,7 @@ def create_backend(
 
         return NNIBackend(model, example_inputs, val_loader, important_classes, calib_loader, finetune,  # type: ignore[arg-type]
                           pruner_kwargs={"score": score, "round_to": round_to, **options}, calib_batches=calib_batches,
-                          latency_probe=latency_probe)
+                          latency_probe=latency_probe, cert_loader=cert_loader)
     from .torch_pruning import ClassAwareImportance, TorchPruningBackend
 
     imp = ClassAwareImportance(important_classes, score=score, num_classes=num_classes, **options)
@@ -95,4 +98,4 @@ def create_backend(
         imp.set_rewind_point(rewind_model())  # type: ignore[misc]
     return TorchPruningBackend(model, example_inputs, imp, val_loader, important_classes, calib_loader=calib_loader,
                                finetune=finetune, calib_batches=calib_batches, round_to=round_to,
-                               latency_probe=latency_probe)
+                               latency_probe=latency_probe, cert_loader=cert_loader)

@@ -70,13 +70,18 @@ def _labels(ds: Dataset) -> np.ndarray:
     if isinstance(ds, Subset):
         return _labels(ds.dataset)[np.asarray(ds.indices)]
     targets = getattr(ds, "targets", None)
-    if targets is None:
-        raise ClassAwareError(f"Cannot read labels of a {type(ds).__name__}; it needs a 'targets' attribute.")
-    return np.asarray(targets)
+    if targets is not None:
+        return np.asarray(targets)
+    try:
+        return np.asarray([int(ds[i][1]) for i in range(len(ds))])  # type: ignore[arg-type]
+    except (TypeError, IndexError, ValueError, KeyError) as e:
+        raise ClassAwareError(f"Cannot read the labels of a {type(ds).__name__}: give it a 'targets' attribute, or "
+                              f"items (input, label) with an integer label ({type(e).__name__}: {e}).") from None
 
 
 def labels_of(ds: Dataset) -> np.ndarray:
-    """The label of every sample, without loading the inputs."""
+    """The label of every sample: without loading the inputs for a TensorDataset, a Subset of one or a data set with a
+    ``targets`` attribute (torchvision's), else by reading every item."""
     return _labels(ds)
 
 

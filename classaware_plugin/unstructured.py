@@ -149,8 +149,9 @@ class UnstructuredBackend(ModelBackend):
         calib_batches: int | None = 8,
         parameters: Sequence[tuple[str, str]] | None = None,
         macs: int | None = None,
+        cert_loader: Iterable[Any] | None = None,
     ) -> None:
-        super().__init__(model, val_loader, important_classes, finetune)
+        super().__init__(model, val_loader, important_classes, finetune, cert_loader=cert_loader)
         self.score = score
         self.calib_loader = calib_loader
         self.calib_batches = calib_batches

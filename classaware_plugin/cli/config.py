@@ -11,11 +11,12 @@ import yaml
 
 from ..backends import FRAMEWORKS, require_framework
 from ..core.controller import FNConstrainedPruning, FNConstraint
+from ..core.guarantee import FNGuarantee
 from ..core.distributed import resolve_device
 from ..core.loss import WEIGHT_SCHEMES, ClassDependentLoss
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..core.training import TRAIN_PARAMETERS, Distillation, EarlyStopping
-from ..core.validation import ClassAwareError, Constraint, check_choice, check_number
+from ..core.validation import ClassAwareError, Constraint, check_choice, check_class_keys, check_number
 from ..data import DATASETS
 from ..speed import ROUND_TO_CONSTRAINT, LatencyProbe
 
@@ -45,6 +46,8 @@ FROM_LIBRARY: dict[str, Constraint] = {
     "pruning.latency_runtime": LatencyProbe.PARAMETERS["runtime"],
     "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],
     "constraint.abs_tol": FNConstraint.PARAMETERS["abs_tol"], "constraint.rel_tol": FNConstraint.PARAMETERS["rel_tol"],
+    "constraint.max_fn_rate": FNGuarantee.PARAMETERS["max_fn_rate"],
+    "constraint.tolerance": FNGuarantee.PARAMETERS["tolerance"], "constraint.delta": FNGuarantee.PARAMETERS["delta"],
     "constraint.max_accuracy_drop": FNConstraint.PARAMETERS["max_accuracy_drop"],
     "constraint.operating_point": _nullable(FNConstraint.PARAMETERS["operating_point"]),
 }
@@ -202,9 +205,33 @@ def validate(cfg: dict[str, Any]) -> None:
             "the model at the end; with calibration: false the model would keep its uncalibrated decisions. Set "
             "constraint.operating_point: argmax, or calibration: true."
         )
+    _choice("constraint.rule", c["rule"], RULES)
+    _num("constraint.certification_fraction", c["certification_fraction"], low=0.0, high=1.0, low_open=True,
+         high_open=True)
+    other_rule = "count" if c["rule"] == "certified" else "certified"
+    stray = [k for k in RULE_KEYS[other_rule] if c[k] != defaults()["constraint"][k]]
+    if stray:
+        raise ClassAwareError(
+            f"constraint.{stray[0]}={c[stray[0]]!r} belongs to constraint.rule={other_rule}, but the rule is "
+            f"{c['rule']!r}. Set constraint.rule: {other_rule} (the count rule reproduces the results of "
+            "configurations written before the certified rule), or remove the key.")
+    if isinstance(c["max_fn_rate"], dict):
+        check_class_keys("constraint.max_fn_rate", c["max_fn_rate"], ic)
+    if c["max_fn_rate"] is not None and c["tolerance"] is not None:
+        raise ClassAwareError("Give constraint.max_fn_rate (a stated budget) or constraint.tolerance (dense FN rate + "
+                              f"tolerance), not both. Got {c['max_fn_rate']!r} and {c['tolerance']!r}.")
+    if c["rule"] == "certified" and cfg["calibration"] and c["operating_point"] == "argmax":
+        raise ClassAwareError(
+            "constraint.rule=certified certifies each model as it is judged; with operating_point=argmax the final "
+            "calibration would then fold an uncertified shift into it. Set constraint.operating_point: calibrated "
+            "(or null: the shift is chosen on the selection split and certified with the step), or calibration: false.")
     if not isinstance(cfg["export"]["onnx"], bool):
         raise ClassAwareError(f"The configuration key 'export.onnx' must be true or false. Got {cfg['export']['onnx']!r}.")
 
+
+RULES = ("certified", "count")
+RULE_KEYS = {"certified": ("max_fn_rate", "tolerance", "delta", "certification_fraction"), "count": ("abs_tol", "rel_tol")}
+"""The 'constraint' keys that only one rule reads (a value other than the default under the other rule is refused)."""
 
 SCORE_OPTIONS = ("omega", "rest_weight", "weighting", "loss", "normalization")
 """Keys of the 'pruning' section that are options of the score (null: the score's default)."""
@@ -219,3 +246,17 @@ def operating_point(cfg: dict[str, Any]) -> str:
     """Where the FN rule judges a step: the configured point, else calibrated when the run calibrates."""
     point = cfg["constraint"]["operating_point"]
     return point if point is not None else ("calibrated" if cfg["calibration"] else "argmax")
+
+
+def make_constraint(cfg: dict[str, Any], important: list[int]) -> FNConstraint | FNGuarantee:
+    """The run's FN rule from the 'constraint' section; ``important`` are the important classes resolved to indices
+    (a ``max_fn_rate`` mapping names them as ``important_classes`` does)."""
+    c = cfg["constraint"]
+    common = dict(max_accuracy_drop=c["max_accuracy_drop"], operating_point=operating_point(cfg))
+    if c["rule"] == "count":
+        return FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"], **common)
+    rate = c["max_fn_rate"]
+    if isinstance(rate, dict):
+        as_given = dict(zip(cfg["important_classes"], important))
+        rate = {as_given[k]: v for k, v in rate.items()}
+    return FNGuarantee(important, max_fn_rate=rate, tolerance=c["tolerance"], delta=c["delta"], **common)

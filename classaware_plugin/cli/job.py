@@ -24,17 +24,18 @@ from ..core.validation import ClassAwareError
 from ..core import distributed
 from ..core.calibration import calibrate
 from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
+from ..core.guarantee import FNGuarantee, guarantee_sentence, split_for_certification
 from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from ..core.training import Distillation, EarlyStopping, train
 from ..backends import create_backend
-from ..data import DataBundle, load_dataset
+from ..data import DataBundle, labels_of, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
 from ..speed import LatencyProbe, latency_ms, speedup
 from ..measure import count_params_macs
-from .config import operating_point, score_config, validate
+from .config import make_constraint, score_config, validate
 
 log = logging.getLogger(__name__)
 
@@ -81,7 +82,9 @@ def model_modules(cfg: dict[str, Any]) -> tuple[str, ...]:
 
 def loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
     """The run's loaders: train (shuffled by a generator seeded from ``seed``), val, test, and calib, a fixed
-    calibration subset (the first batches of a seeded permutation: the same every step and on resume).
+    calibration subset (the first batches of a seeded permutation: the same every step and on resume). Under the
+    certified rule validation is cut in two (stratified, seeded): ``val``, the selection split that early stopping,
+    the budget, the calibration shift and the accuracy guard read, and ``cert``, which only the certification reads.
 
     Under torch.distributed each rank gets its share (:func:`~classaware_plugin.core.distributed.shard_loader`):
     training batches of ``batch_size / processes`` whose union is the one-process batch, and validation, test and
@@ -92,6 +95,9 @@ def loaders(bundle: DataBundle, cfg: dict[str, Any]) -> dict[str, Any]:
     n = min(len(bundle.train), bs * cfg["pruning"]["calib_batches"])
     calib = DataLoader(Subset(bundle.train, perm[:n].tolist()), batch_size=bs)
     dl = {"train": train_dl, "calib": calib, "val": val_dl, "test": test_dl}
+    c = cfg["constraint"]
+    if c["rule"] == "certified":  # val: the selection split, which chooses everything; cert: the test alone reads it
+        dl["val"], dl["cert"] = split_for_certification(val_dl, c["certification_fraction"], seed=cfg["seed"])
     return {k: distributed.shard_loader(v, train=k == "train") for k, v in dl.items()}
 
 
@@ -261,7 +267,7 @@ class Job:
             score_options=score_config(p), important_classes=important, num_classes=bundle.num_classes,
             val_loader=dl["val"], calib_loader=dl["calib"], finetune=finetune, example_inputs=example,
             calib_batches=p["calib_batches"], round_to=p["round_to"], latency_probe=probe,
-            rewind_model=self._initial_model)
+            rewind_model=self._initial_model, cert_loader=dl.get("cert"))
         return backend, key, target
 
     def _initial_model(self) -> nn.Module:
@@ -287,6 +293,7 @@ class Job:
         t0 = time.time()
         bundle, important = load_data(self.cfg)
         dl = loaders(bundle, self.cfg)
+        self.check_certifiable(important, dl)
         dense = self.dense_model(bundle, important, dl)
         dense_metrics = self.dense_metrics(dense, bundle, important, dl)
         dense_val = Evaluation.from_dict(dense_metrics["validation"])
@@ -303,6 +310,17 @@ class Job:
             write_report(report, self.dir)
         self._checkpoint(run, "done", {"calibration": calibration})
         return report
+
+    def check_certifiable(self, important: list[int], dl: dict[str, Any]) -> None:
+        """A stated budget (``constraint.max_fn_rate``) that the splits' positives cannot certify is refused before
+        any work, naming the positives it needs. (A budget derived from the dense model is checked as soon as the
+        dense model is measured, before pruning.)"""
+        constraint = make_constraint(self.cfg, important)
+        if isinstance(constraint, FNGuarantee) and constraint.max_fn_rate is not None:
+            sel, cert = labels_of(dl["val"].dataset), labels_of(dl["cert"].dataset)
+            # The budget does not depend on the dense model's FN here: any count checks its feasibility.
+            constraint.budgets({c: 0 for c in important}, {c: int((sel == c).sum()) for c in important},
+                               {c: int((cert == c).sum()) for c in important})
 
     def dense_metrics(self, dense: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any]) -> dict[str, Any]:
         """Test metrics (FN at argmax and at the dense FPR, AUC, AP, cost) and validation metrics of the dense model."""
@@ -326,9 +344,7 @@ class Job:
         cfg, c, p = self.cfg, self.cfg["constraint"], self.cfg["pruning"]
         state = self._run_state()
         model = state["model"].to(self.device) if state is not None else self._load_model(self.dir / "dense.pt")
-        run = PruningRun(model, FNConstraint(important, abs_tol=c["abs_tol"], rel_tol=c["rel_tol"],
-                                             max_accuracy_drop=c["max_accuracy_drop"],
-                                             operating_point=operating_point(cfg)),
+        run = PruningRun(model, make_constraint(cfg, important),
                          stage=state["stage"] if state is not None else "pruning",
                          calibration=state.get("calibration") if state is not None else None)
         run.backend, run.key, run.target = self._backend(model, dense, bundle, important, dl,
@@ -347,6 +363,8 @@ class Job:
             run.loop.load_state_dict(state["controller"])
         if run.stage == "pruning":
             run.loop.run(dense=dense_val)
+        else:
+            run.loop.prepare(dense=dense_val)  # the budgets the report states
             run.backend.finalize()  # NNI: ModelSpeedup removes the masked channels; unstructured: masks baked in
             run.stage = "pruned"
             self._checkpoint(run, "pruned")
@@ -354,10 +372,17 @@ class Job:
 
     def calibrate(self, run: PruningRun, dense_val: Evaluation, important: list[int],
                   dl: dict[str, Any]) -> dict[str, Any] | None:
-        """Decision calibration on validation, before export so that it survives in every file."""
+        """Decision calibration on validation, before export so that it survives in every file. Under the certified
+        rule it folds the shift the delivered step was certified with (none when no step was: the dense model is
+        returned as it was)."""
         if self.cfg["calibration"] and run.stage == "pruned":
-            cal = calibrate(run.model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
-            run.calibration, run.stage = cal.to_dict(), "calibrated"
+            if isinstance(run.constraint, FNGuarantee):
+                last = next((r for r in reversed(run.loop.history) if r.decision == "accept"), None)
+                cal = None if last is None else calibrate(
+                    run.model, dl["val"], important, shifts={c: last.shifts.get(c, 0.0) for c in important})
+            else:
+                cal = calibrate(run.model, dl["val"], important, target_fn={k: dense_val.fn[k] for k in important})
+            run.calibration, run.stage = (cal.to_dict() if cal is not None else None), "calibrated"
             self._checkpoint(run, "calibrated", {"calibration": run.calibration})
         return run.calibration
 
@@ -388,13 +413,7 @@ class Job:
             "pruned": {**summarise(model, pruned_test, torch.zeros(2, *bundle.input_shape), macs),
                        "validation": pruned_val.to_dict(),
                        "at_dense_fpr": operating_points(val_pred, test_pred, important, dense_val)},
-            "constraint": {
-                "important_classes": important,
-                "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"], "max_accuracy_drop": c["max_accuracy_drop"],
-                "operating_point": run.constraint.operating_point,
-                "budget": {str(k): v for k, v in run.constraint.budget(dense_val.fn).items()},
-                "satisfied": not run.constraint.violations(dense_val, pruned_val),
-            },
+            "constraint": self.constraint_report(run, dense_val, pruned_val, model, bundle, dl),
             "target": {"key": run.key, "value": run.target},
             "history": [r.to_dict() for r in run.loop.history],
             "stop_reason": run.loop.stop_reason_,
@@ -405,12 +424,44 @@ class Job:
         }
 
 
+    def constraint_report(self, run: PruningRun, dense_val: Evaluation, pruned_val: Evaluation, model: nn.Module,
+                          bundle: DataBundle, dl: dict[str, Any]) -> dict[str, Any]:
+        """report.json's ``constraint``: the rule, its budget and whether the delivered model meets it. Certified
+        rule: ``guarantee`` = per class the budget, the level, the upper bound and the positives of the delivered model
+        on the certification split (empty when no step was certified), and the sentence that states it."""
+        c, important = self.cfg["constraint"], run.constraint.important_classes
+        out: dict[str, Any] = {"rule": c["rule"], "important_classes": important,
+                               "max_accuracy_drop": c["max_accuracy_drop"],
+                               "operating_point": run.constraint.operating_point}
+        if isinstance(run.constraint, FNConstraint):
+            return {**out, "abs_tol": c["abs_tol"], "rel_tol": c["rel_tol"],
+                    "budget": {str(k): v for k, v in run.constraint.budget(dense_val.fn).items()},
+                    "satisfied": not run.constraint.violations(dense_val, pruned_val)}
+        budgets = run.loop.budgets_
+        guarantee: dict[str, Any] = {}
+        if run.loop.certificate_:
+            # The delivered model (shift folded in, NNI sped up) tested again: the same model, so the same counts.
+            final = run.constraint.certify(budgets, *predict(model, dl["cert"]))
+            if {k: v.fn for k, v in final.items()} != {k: v.fn for k, v in run.loop.certificate_.items()}:
+                log.warning("the delivered model's certification counts %s differ from its step's %s (numerics of the "
+                            "export path); the report states the delivered model's", final, run.loop.certificate_)
+            guarantee = {str(k): {**v.to_dict(), "derived": budgets[k].derived} for k, v in final.items()}
+        return {**out, "delta": c["delta"], "certification_fraction": c["certification_fraction"],
+                "budgets": {str(k): b.to_dict() for k, b in budgets.items()},
+                # the plot's and table's line: the most selection-split misses a step may show to be sent to the test
+                "budget": {str(k): b.screen_limit for k, b in budgets.items()},
+                "guarantee": guarantee,
+                "sentence": guarantee_sentence(run.loop.certificate_, bundle.class_names, c["delta"])
+                if run.loop.certificate_ else None,
+                "satisfied": bool(guarantee) and all(g["certified"] for g in guarantee.values())}
+
+
 @dataclass
 class PruningRun:
     """The pruning stage's objects, shared by the stages after it."""
 
     model: nn.Module
-    constraint: FNConstraint
+    constraint: FNConstraint | FNGuarantee
     stage: str = "pruning"
     calibration: dict[str, Any] | None = None
     backend: Any = None

@@ -111,7 +111,7 @@ def _run(args: argparse.Namespace) -> int:
                     f"again with: classaware-prune run --out {run_dir} --force (and the --config/--set you used)."
                 )
             raise ClassAwareError(f"{run_dir} is not a run directory (no config.yaml).")
-        cfg = load_config(run_dir / "config.yaml")
+        cfg = load_config(run_dir / "config.yaml", _rule_of_an_older_run(run_dir / "config.yaml"))
     else:
         cfg = load_config(args.config, args.set)
         run_dir = Path(args.out or cfg["output_dir"])
@@ -164,17 +164,32 @@ def _run(args: argparse.Namespace) -> int:
           + ", ".join(f"FN[{names[c]}] {d['fn'][str(c)]}" for c in imp) + " (test)")
     print(f"Pruned: {p['params']:,} params, {p['macs']:,} MACs, accuracy {p['accuracy']:.3f}, "
           + ", ".join(f"FN[{names[c]}] {p['fn'][str(c)]}" for c in imp) + " (test)")
-    print(f"Stop reason: {report['stop_reason']}; FN constraint on validation "
-          f"{'satisfied' if report['constraint']['satisfied'] else 'NOT satisfied'}.")
+    if report["constraint"]["rule"] == "certified":
+        print(report["constraint"]["sentence"] or "No pruned model could be certified: the dense model is returned.")
+    print(f"Stop reason: {report['stop_reason']}; FN constraint "
+          f"{('certified' if report['constraint']['rule'] == 'certified' else 'satisfied on validation') if report['constraint']['satisfied'] else 'NOT met'}.")
     print(f"Report: {run_dir / 'report.md'}  (also report.json, fn_vs_compression.png)")
     return 0
+
+
+def _rule_of_an_older_run(path: Path) -> list[str]:
+    """A run started before the certified rule existed saved no ``constraint.rule``: it resumes with the count rule it
+    was started with (its splits and decisions), not with today's default."""
+    import yaml
+
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []  # load_config reports what is wrong with the file
+    section = saved.get("constraint") if isinstance(saved, dict) else None
+    return ["constraint.rule=count"] if isinstance(section, dict) and "rule" not in section else []
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..core.metrics import evaluate
     from ..export import load_model
     from .config import load_config
-    from .job import load_data, loaders
+    from .job import load_data
 
     overrides = [f"important_classes=[{','.join(args.important)}]"] if args.important else []
     if args.config:
@@ -183,7 +198,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         cfg = load_config(None, [*overrides, f"data.name={args.data}"])
     model = load_model(args.model, trusted=args.trust_checkpoint)
     bundle, important = load_data(cfg)
-    dl = loaders(bundle, cfg)
+    dl = dict(zip(("train", "val", "test"), bundle.loaders(cfg["data"]["batch_size"], seed=cfg["seed"])))
     ev = evaluate(model, dl[args.split], important, bundle.num_classes)
     print(f"{args.model} on {bundle.name} ({args.split}, {ev.num_samples} samples): accuracy {ev.accuracy:.4f}")
     print(f"{'class':<16}{'cases':>7}{'FN':>6}{'FP':>6}{'recall':>9}{'AUC':>8}")

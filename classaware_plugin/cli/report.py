@@ -58,11 +58,15 @@ def write_markdown(report: dict[str, Any]) -> str:
             f"{pruned['fp'][k]} | {_fmt_pct(pruned['recall'][k])} |"
         )
     lines += ["", "## The false-negative constraint", ""]
+    con = report["constraint"]
+    if con.get("rule") == "certified":
+        lines += _guarantee_lines(report)
     for c in sorted(important):
         k = str(c)
         lines.append(
-            f"- **{names[c]}**: validation misses {report['dense']['validation']['fn'][k]} (dense) -> "
-            f"{report['pruned']['validation']['fn'][k]} (pruned), budget {budget[k]}; test AUC-ROC "
+            f"- **{names[c]}**: validation{' (selection split)' if con.get('rule') == 'certified' else ''} misses "
+            f"{report['dense']['validation']['fn'][k]} (dense) -> {report['pruned']['validation']['fn'][k]} (pruned), "
+            f"{'most sent to certification' if con.get('rule') == 'certified' else 'budget'} {budget[k]}; test AUC-ROC "
             f"{_auc(dense['auc'].get(k))} -> {_auc(pruned['auc'].get(k))}."
         )
         d_op, p_op = dense.get("at_dense_fpr", {}).get(k), pruned.get("at_dense_fpr", {}).get(k)
@@ -73,11 +77,13 @@ def write_markdown(report: dict[str, Any]) -> str:
                 f"rate {_fmt_pct(d_op['test_fpr'])} -> {_fmt_pct(p_op['test_fpr'])}; average precision "
                 f"{_auc(dense['ap'].get(k))} -> {_auc(pruned['ap'].get(k))}."
             )
-    sat = report["constraint"]["satisfied"]
+    sat = con["satisfied"]
+    if con.get("rule") != "certified":
+        lines.append(
+            f"- Constraint on the validation split (count rule): **{'satisfied' if sat else 'NOT satisfied'}** "
+            f"(abs_tol {con['abs_tol']}, rel_tol {con['rel_tol']}, max accuracy drop {con['max_accuracy_drop']}). "
+            "A count on the data that chose every step: it is not a promise about new data.")
     lines += [
-        f"- Constraint on the validation split: **{'satisfied' if sat else 'NOT satisfied'}** "
-        f"(abs_tol {report['constraint']['abs_tol']}, rel_tol {report['constraint']['rel_tol']}, "
-        f"max accuracy drop {report['constraint']['max_accuracy_drop']}).",
         f"- Why it stopped: {STOP_REASONS.get(report['stop_reason'], report['stop_reason'])}.",
     ]
     cal = report.get("calibration")
@@ -111,6 +117,26 @@ def write_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _guarantee_lines(report: dict[str, Any]) -> list[str]:
+    """The certified rule's statement: the guarantee in one sentence, then per class what it rests on."""
+    con, names = report["constraint"], report["class_names"]
+    if not con["guarantee"]:
+        return ["**No pruned model could be certified**: the first step's false-negative rate could not be shown to be "
+                "within its budget on the held-out certification split, so the dense model is returned as it was.", ""]
+    lines = [f"**Guarantee.** {con['sentence']}", ""]
+    for k, g in con["guarantee"].items():
+        lines.append(
+            f"- **{names[int(k)]}**: budget {_fmt_pct(g['max_fn_rate'])} missed at most ({g['derived']}); on the "
+            f"certification split ({g['positives']} cases, {_fmt_pct(con['certification_fraction'])} of validation, "
+            f"used by nothing else) the pruned model missed {g['fn']}: Clopper-Pearson upper bound "
+            f"{_fmt_pct(g['upper_bound'])} at level {g['delta']:g}"
+            f"{' (delta split over the important classes)' if len(con['guarantee']) > 1 else ''}.")
+    lines += [f"- The steps were certified in order and the run stops at the first that fails, so the guarantee holds "
+              f"for the delivered model although {len(report['history'])} attempts were looked at; the budget, early "
+              "stopping, the calibration shift and the accuracy guard used the selection split only.", ""]
+    return lines
+
+
 def _auc(x: Any) -> str:
     return "-" if x is None else f"{float(x):.3f}"
 
@@ -139,7 +165,9 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
         ax.plot([r[key] for r in rej], [r["fn"][k] for r in rej], "x", ms=9, label=f"FN {names[c]} (rolled back)")
         ax.plot([x0] + [r[key] for r in acc], [dense_val["fp"][k]] + [r["fp"][k] for r in acc], "s--",
                 alpha=0.6, label=f"FP {names[c]}")
-        ax.axhline(report["constraint"]["budget"][k], color="red", ls=":", label=f"FN budget {names[c]}")
+        what = "most sent to certification" if report["constraint"].get("rule") == "certified" else "budget"
+        ax.axhline(report["constraint"]["budget"][k], color="red", ls=":",
+                   label=f"{what}, {names[c]}: {report['constraint']['budget'][k]} FN")
     ax.set_xlabel(xs_label)
     ax.set_ylabel("count on validation")
     ax.set_title("Important-class errors over the pruning steps")

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from .distributed import model_signature
+from .validation import ClassAwareError
 from .metrics import Evaluation, evaluate, predict
 from .modelstate import restore_module, snapshot_module
 
@@ -36,8 +37,17 @@ class PruningBackend(abc.ABC):
     def evaluate(self) -> Evaluation: ...
 
     def predict(self) -> tuple[Any, Any]:
-        """Validation ``(labels, logits)`` as numpy arrays; needed by ``FNConstraint(operating_point='calibrated')``."""
+        """Validation ``(labels, logits)`` as numpy arrays; needed by ``FNConstraint(operating_point='calibrated')``
+        and by :class:`~classaware_plugin.core.FNGuarantee`."""
         raise NotImplementedError(f"{type(self).__name__} has no predict(): use FNConstraint(operating_point='argmax').")
+
+    def predict_certification(self) -> tuple[Any, Any]:
+        """Certification-split ``(labels, logits)``: data that chose nothing, read only by the certified rule
+        (:class:`~classaware_plugin.core.FNGuarantee`)."""
+        raise ClassAwareError(
+            f"{type(self).__name__} has no certification split, which the certified rule (FNGuarantee) tests on. Give "
+            "the backend cert_loader= (a part of the validation data that nothing else sees), or use the count rule "
+            "(FNConstraint).")
 
     @abc.abstractmethod
     def snapshot(self) -> Any: ...
@@ -79,7 +89,8 @@ class ModelBackend(PruningBackend):
     With a ``counter`` and ``example_inputs`` the dense model's parameters and MACs are counted once, and
     :meth:`measure` reports ``params``, ``macs``, ``macs_reduction``, ``params_reduction`` (and
     ``latency_reduction`` with a ``latency_probe``) of :meth:`measured_model`, cached while :meth:`measure_key` is
-    unchanged. Backends that measure something else (sparsity) override :meth:`measure`.
+    unchanged. Backends that measure something else (sparsity) override :meth:`measure`. ``cert_loader`` is the
+    certified rule's held-out split (:class:`~classaware_plugin.core.FNGuarantee`).
     """
 
     def __init__(
@@ -91,9 +102,11 @@ class ModelBackend(PruningBackend):
         example_inputs: torch.Tensor | None = None,
         counter: Counter | None = None,
         latency_probe: Callable[[nn.Module], float] | None = None,
+        cert_loader: Iterable[Any] | None = None,
     ) -> None:
         self.model = model
         self.val_loader = val_loader
+        self.cert_loader = cert_loader  # the certified rule's held-out split: nothing but its test reads it
         self.important_classes = list(important_classes)
         self._finetune = finetune
         self.example_inputs = example_inputs
@@ -114,6 +127,11 @@ class ModelBackend(PruningBackend):
 
     def predict(self) -> tuple[Any, Any]:
         return predict(self.model, self.val_loader)
+
+    def predict_certification(self) -> tuple[Any, Any]:
+        if self.cert_loader is None:
+            return super().predict_certification()
+        return predict(self.model, self.cert_loader)
 
     def snapshot(self) -> Any:
         return snapshot_module(self.model)

@@ -84,21 +84,30 @@ def calibrate(
     model: nn.Module,
     loader: Iterable[Any],
     important_classes: Sequence[int],
-    target_fn: Mapping[int, int],
+    target_fn: Mapping[int, int] | None = None,
     layer: nn.Linear | None = None,
+    shifts: Mapping[int, float] | None = None,
 ) -> Calibration:
-    """Shift the important classes' logits so validation FN <= ``target_fn`` and fold it into the bias.
+    """Shift the important classes' logits so validation FN <= ``target_fn`` and fold it into the bias; or, given
+    ``shifts`` instead (e.g. those a certified step was tested with), fold exactly those.
 
     The shift is checked: the model's logits after folding must equal the logits before plus the
     shift (otherwise ``layer`` is not the output layer and an error is raised, leaving the model as it was).
     """
     important = check_important_classes(important_classes, None)
-    missing = [c for c in important if c not in target_fn]
+    if (target_fn is None) == (shifts is None):
+        raise ClassAwareError("Give calibrate() exactly one of 'target_fn' (FN to reach) and 'shifts' (shifts to fold).")
+    given = target_fn if target_fn is not None else shifts
+    missing = [c for c in important if c not in given]  # type: ignore[operator]
     if missing:
-        raise ClassAwareError(f"The 'target_fn' parameter has no entry for important classes {missing}.")
+        name = "target_fn" if target_fn is not None else "shifts"
+        raise ClassAwareError(f"The '{name}' parameter has no entry for important classes {missing}.")
     y, logits = predict(model, loader)
     before = evaluate_predictions(y, logits, important)
-    shifts = find_logit_shifts(y, logits, {c: int(target_fn[c]) for c in important})
+    if shifts is not None:
+        shifts = {c: float(shifts[c]) for c in important}
+    else:
+        shifts = find_logit_shifts(y, logits, {c: int(target_fn[c]) for c in important})  # type: ignore[index]
     layer = layer or last_linear(model)
     if layer.out_features != logits.shape[1]:
         raise ClassAwareError(

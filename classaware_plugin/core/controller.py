@@ -12,10 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, ClassVar, Literal, get_args
 
+import numpy as np
+
 from .validation import ClassAwareError, Constraint, Interval, Options, check_important_classes, check_params
 from .backend import PruningBackend
 from .distributed import check_consistent
 from .calibration import find_logit_shifts
+from .guarantee import Certificate, ClassBudget, FNGuarantee
 from .metrics import Evaluation, evaluate_predictions
 
 log = logging.getLogger(__name__)
@@ -26,13 +29,15 @@ restored, no smaller step is allowed, the run ends. rollback: the attempt failed
 loss), restored, and the error is raised."""
 DECISIONS: tuple[Decision, ...] = get_args(Decision)
 
-StopReason = Literal["target_reached", "no_compliant_step", "step_budget", "nothing_left"]
+StopReason = Literal["target_reached", "no_compliant_step", "step_budget", "nothing_left", "not_certified"]
 STOP_REASONS: dict[StopReason, str] = {
     "target_reached": "the compression target was reached with every important class within its false-negative budget",
     "no_compliant_step": "no smaller pruning step kept the important classes within their false-negative budget "
                          "(the last compliant model is returned)",
     "step_budget": "the budget of pruning attempts ran out (the last compliant model is returned)",
     "nothing_left": "nothing was left to prune",
+    "not_certified": "the next step's false-negative rate could not be certified on the held-out certification split, "
+                     "and the certified rule stops at its first failure (the last certified model is returned)",
 }
 """Why the loop stopped, in words (the report prints them)."""
 assert tuple(STOP_REASONS) == get_args(StopReason)
@@ -149,10 +154,13 @@ class StepRecord:
     accuracy: float
     auc: dict[int, float]
     shifts: dict[int, float] = field(default_factory=dict)  # the logit shifts of a 'calibrated' judgement
+    # the certification of an attempt that passed the screen (certified rule): class -> Certificate.to_dict()
+    certificate: dict[int, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shifts"] = {str(k): v for k, v in self.shifts.items()}
+        d["certificate"] = {str(k): v for k, v in self.certificate.items()}
         d["fn"] = {str(k): v for k, v in self.fn.items()}
         d["fp"] = {str(k): v for k, v in self.fp.items()}
         d["auc"] = {str(k): (None if v != v else v) for k, v in self.auc.items()}
@@ -167,25 +175,39 @@ class StepRecord:
         kw["fp"] = {int(k): v for k, v in d["fp"].items()}
         kw["auc"] = {int(k): (float("nan") if v is None else v) for k, v in d["auc"].items()}
         kw["shifts"] = {int(k): v for k, v in d.get("shifts", {}).items()}
+        kw["certificate"] = {int(k): v for k, v in d.get("certificate", {}).items()}
         return cls(**kw)
 
 
 @dataclass
 class ControllerResult:
+    """What :meth:`FNConstrainedPruning.run` returns. ``budget``: the count budget of an :class:`FNConstraint`, the
+    certified rule's largest certifiable count per class; ``budgets``: the certified rule's per-class budgets;
+    ``certificate``: the delivered model's certification (empty when no step was certified, or with the count rule).
+    """
+
     stop_reason: StopReason
     history: list[StepRecord]
     dense: Evaluation
     final: Evaluation
     budget: dict[int, int]
     measure: dict[str, float] = field(default_factory=dict)
+    budgets: dict[int, ClassBudget] = field(default_factory=dict)
+    certificate: dict[int, Certificate] = field(default_factory=dict)
+
+    @property
+    def certified(self) -> bool:
+        """Whether the delivered model carries a certificate (certified rule, at least one step accepted)."""
+        return bool(self.certificate) and all(k.certified for k in self.certificate.values())
 
 
 class FNConstrainedPruning:
-    """Iterative pruning under an :class:`FNConstraint`.
+    """Iterative pruning under an FN rule: :class:`~classaware_plugin.core.FNGuarantee` (certified: a bound that
+    holds on new data, tested on the backend's certification split) or :class:`FNConstraint` (counts on validation).
 
     Args:
-        backend: a :class:`PruningBackend`.
-        constraint: the FN budget and accuracy guard.
+        backend: a :class:`PruningBackend` (with :meth:`~PruningBackend.predict_certification` for the certified rule).
+        constraint: the FN rule and accuracy guard.
         target: value of ``measure()[target_key]`` at which to stop (e.g. 2.0 for a 2x MACs reduction).
         target_key: which measure the target refers to (``'macs_reduction'``, ``'sparsity'``, ...).
         step: fraction of what remains removed by the first step, in (0, 1).
@@ -194,8 +216,10 @@ class FNConstrainedPruning:
         on_record: called with each :class:`StepRecord` after its decision (checkpointing, logging).
 
     Example:
-        >>> loop = FNConstrainedPruning(backend, FNConstraint([3]), target=2.0)   # doctest: +SKIP
+        >>> loop = FNConstrainedPruning(backend, FNGuarantee([3]), target=2.0)   # doctest: +SKIP
         >>> result = loop.run()                                                  # doctest: +SKIP
+        >>> result.certificate[3].upper_bound <= result.certificate[3].max_fn_rate  # doctest: +SKIP
+        True
     """
 
     PARAMETERS: ClassVar[dict[str, Constraint]] = {
@@ -206,7 +230,7 @@ class FNConstrainedPruning:
     def __init__(
         self,
         backend: PruningBackend,
-        constraint: FNConstraint,
+        constraint: FNConstraint | FNGuarantee,
         target: float,
         target_key: str = "macs_reduction",
         step: float = 0.2,
@@ -219,8 +243,9 @@ class FNConstrainedPruning:
                 "The 'backend' parameter must be a classaware_plugin.core.PruningBackend (subclass it, or ModelBackend "
                 f"for a model pruned in place). Got {type(backend).__name__}."
             )
-        if not isinstance(constraint, FNConstraint):
-            raise ClassAwareError(f"The 'constraint' parameter must be an FNConstraint. Got {type(constraint).__name__}.")
+        if not isinstance(constraint, (FNConstraint, FNGuarantee)):
+            raise ClassAwareError("The 'constraint' parameter must be an FNGuarantee (certified rule) or an FNConstraint "
+                                  f"(count rule). Got {type(constraint).__name__}.")
         check_params(self.PARAMETERS, {"target": target, "step": step, "max_halvings": max_halvings,
                                        "max_steps": max_steps})
         self.backend = backend
@@ -243,6 +268,7 @@ class FNConstrainedPruning:
         self.current_: Evaluation | None = None
         self.stop_reason_: StopReason | None = None
         self._stopping: StopReason | None = None  # set by an attempt that ended the run (decision 'stop')
+        self.budgets_: dict[int, ClassBudget] = {}  # the certified rule's budgets (set by run)
 
     def state_dict(self) -> dict[str, Any]:
         """What resuming needs besides the backend's own state (the last compliant model)."""
@@ -273,7 +299,7 @@ class FNConstrainedPruning:
 
     def _record(
         self, decision: Decision, ev: Evaluation, fraction: float, violations: list[str], measure: dict[str, float],
-        shifts: dict[int, float] | None = None,
+        shifts: dict[int, float] | None = None, certificate: dict[int, Certificate] | None = None,
     ) -> StepRecord:
         rec = StepRecord(
             step=self.accepted + (0 if decision == "accept" else 1),
@@ -288,6 +314,7 @@ class FNConstrainedPruning:
             accuracy=ev.accuracy,
             auc=dict(ev.auc),
             shifts=dict(shifts or {}),
+            certificate={c: k.to_dict() for c, k in (certificate or {}).items()},
         )
         self.history.append(rec)
         log.info(
@@ -305,9 +332,7 @@ class FNConstrainedPruning:
         ``dense`` lets a resumed run pass the dense model's validation evaluation instead of measuring
         the (already pruned) backend again.
         """
-        self.dense_ = dense if dense is not None else self.backend.evaluate()
-        self.constraint.check_evaluable(self.dense_)
-        budget = self.constraint.budget(self.dense_.fn)
+        budget = self.prepare(dense)
         if not self.history:
             self.current_ = self.dense_
         while self.stop_reason_ is None:
@@ -317,7 +342,30 @@ class FNConstrainedPruning:
             self._attempt()
         final = self.current_ if self.current_ is not None else self.backend.evaluate()
         log.info("stopped: %s after %d attempts", self.stop_reason_, len(self.history))
-        return ControllerResult(self.stop_reason_, self.history, self.dense_, final, budget, self.backend.measure())
+        return ControllerResult(self.stop_reason_, self.history, self.dense_, final, budget, self.backend.measure(),
+                                dict(self.budgets_), self.certificate_)
+
+    @property
+    def certificate_(self) -> dict[int, Certificate]:
+        """The certification of the model the loop holds now: that of the last accepted attempt (certified rule)."""
+        last = next((r for r in reversed(self.history) if r.decision == "accept"), None)
+        if last is None or not last.certificate:
+            return {}
+        return {c: Certificate(**{k: v for k, v in d.items() if k != "certified"}) for c, d in last.certificate.items()}
+
+    def prepare(self, dense: Evaluation | None = None) -> dict[int, int]:
+        """Measure the dense reference (or take ``dense``) and fix the budgets, before any pruning (:meth:`run` calls
+        it; a caller that resumes after the loop calls it for :attr:`budgets_`). Returns the count budget per class
+        (count rule) or the most certification misses that certify (certified rule)."""
+        self.dense_ = dense if dense is not None else self.backend.evaluate()
+        self.constraint.check_evaluable(self.dense_)
+        if not isinstance(self.constraint, FNGuarantee):
+            return self.constraint.budget(self.dense_.fn)
+        # Only the certification split's labels are read here: its positives fix the budgets' counts.
+        cert_labels = np.asarray(self.backend.predict_certification()[0])
+        positives = {c: int((cert_labels == c).sum()) for c in self.constraint.important_classes}
+        self.budgets_ = self.constraint.budgets(self.dense_.fn, self.dense_.support, positives)
+        return {c: b.max_count for c, b in self.budgets_.items()}
 
     def _next_stop(self) -> StopReason | None:
         measure = self.backend.measure()
@@ -332,10 +380,17 @@ class FNConstrainedPruning:
     def _judge(self) -> tuple[Evaluation, list[str], dict[int, float]]:
         """The backend's current model judged on validation at the constraint's operating point."""
         assert self.dense_ is not None
+        if isinstance(self.constraint, FNGuarantee):
+            return self.constraint.judge(self.dense_, self.budgets_, *self.backend.predict())
         if self.constraint.operating_point == "argmax":
             ev = self.backend.evaluate()
             return ev, self.constraint.violations(self.dense_, ev), {}
         return self.constraint.judge(self.dense_, *self.backend.predict())
+
+    def _certify(self, shifts: dict[int, float]) -> dict[int, Certificate]:
+        """The certified rule's test of the backend's current model (with ``shifts``) on the certification split."""
+        assert isinstance(self.constraint, FNGuarantee)
+        return self.constraint.certify(self.budgets_, *self.backend.predict_certification(), shifts)
 
     def _attempt(self) -> None:
         fraction = min(self.step_size, self.backend.max_fraction(self.target_key, self.target))
@@ -348,6 +403,8 @@ class FNConstrainedPruning:
             check_consistent(self.backend.signature(), f"the model pruned in attempt {len(self.history) + 1}")
             self.backend.finetune()
             ev, violations, shifts = self._judge()
+            # The certification split is looked at only by a step the selection split sends to it (certified rule).
+            certificate = self._certify(shifts) if not violations and isinstance(self.constraint, FNGuarantee) else {}
             measure = self.backend.measure()
         except NothingToPrune:
             self.backend.restore(state)
@@ -361,13 +418,22 @@ class FNConstrainedPruning:
             self.backend.restore(state)
             self._record("rollback", last, fraction, ["the attempt raised an error"], self.backend.measure())
             raise
+        failed = [f"class {c}: the upper bound of its FN rate is {k.upper_bound:.4f} > {k.max_fn_rate:.4f} ({k.fn} of "
+                  f"{k.positives} certification positives missed)" for c, k in certificate.items() if not k.certified]
+        if failed:
+            # Fixed-sequence testing: the first step that fails certification ends the run.
+            self.backend.restore(state)
+            self.current_ = last
+            self._stopping = "not_certified"
+            self._record("stop", ev, fraction, failed, measure, shifts, certificate)
+            return
         if not violations:
             self.accepted += 1
             self.halvings = 0
             self.current_ = ev
             # After a success, let a halved step grow back (doubling, up to the first step size).
             self.step_size = min(self.initial_step, max(self.step_size, fraction) * 2.0)
-            self._record("accept", ev, fraction, [], measure, shifts)
+            self._record("accept", ev, fraction, [], measure, shifts, certificate)
             return
         # Step 3: non-compliant -> restore exactly, then retry with half the step or stop.
         self.backend.restore(state)

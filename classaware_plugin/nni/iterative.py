@@ -35,9 +35,10 @@ class NNIBackend(ModelBackend):
         pruner_kwargs: dict[str, Any] | None = None,
         calib_batches: int | None = None,
         latency_probe: Callable[[nn.Module], float] | None = None,
+        cert_loader: Iterable[Any] | None = None,
     ) -> None:
         super().__init__(model, val_loader, important_classes, finetune, example_inputs=example_inputs,
-                         counter=count_params_macs, latency_probe=latency_probe)
+                         counter=count_params_macs, latency_probe=latency_probe, cert_loader=cert_loader)
         self.calib_loader = calib_loader
         self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
         self.pruner_kwargs = dict(pruner_kwargs or {})

@@ -20,6 +20,7 @@ from ..core.validation import ClassAwareError, check_important_classes, check_nu
 from ..core.calibration import last_linear
 from ..core.channels import rounded_channels
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
+from ..core.guarantee import FNGuarantee, split_for_certification
 from ..core.loss import ClassDependentLoss
 from ..core.lottery import RewindSnapshot
 from ..core.backend import ModelBackend
@@ -58,7 +59,9 @@ class TorchPruningBackend(ModelBackend):
         importance: any TP importance; a :class:`ClassAwareImportance` gets its statistics refreshed
             from ``calib_loader`` before every step. Other data-driven TP estimators (Taylor) get one
             ``loss.backward()`` per calibration batch before the step, gradients zeroed after.
-        val_loader: where compliance is decided.
+        val_loader: where steps are judged (the certified rule's selection split).
+        cert_loader: the certified rule's certification split (:class:`~classaware_plugin.core.FNGuarantee`): held
+            out from everything else, read only to test a step.
         finetune: ``finetune(model)`` called after every step; default: ``train()`` with ``loss_fn``.
         ignored_layers: layers TP must not prune (default: the last ``nn.Linear``, the classifier).
         round_to: every pruned layer keeps a multiple of this many channels (the nearest to what the step asks for,
@@ -90,6 +93,7 @@ class TorchPruningBackend(ModelBackend):
         progress: bool = False,
         round_to: int | None = ROUND_TO,
         latency_probe: Callable[[nn.Module], float] | None = None,
+        cert_loader: Iterable[Any] | None = None,
     ) -> None:
         ROUND_TO_CONSTRAINT.check("round_to", round_to)
         self.importance = importance
@@ -103,7 +107,8 @@ class TorchPruningBackend(ModelBackend):
                 train(m, train_loader, loss_fn, epochs=finetune_epochs, lr=lr, progress=progress, desc="fine-tuning")
 
         super().__init__(model, val_loader, check_important_classes(important_classes, None), finetune,
-                         example_inputs=example_inputs, counter=count_params_macs, latency_probe=latency_probe)
+                         example_inputs=example_inputs, counter=count_params_macs, latency_probe=latency_probe,
+                         cert_loader=cert_loader)
         self.ignored_layers = list(ignored_layers) if ignored_layers is not None else None
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
@@ -197,7 +202,7 @@ def prune_with_fn_constraint(
     target_macs_reduction: float | None = 2.0,
     target_params: int | None = None,
     importance: Any | None = None,
-    constraint: FNConstraint | None = None,
+    constraint: FNConstraint | FNGuarantee | None = None,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     finetune: Callable[[nn.Module], None] | None = None,
     finetune_epochs: float = 1.0,
@@ -211,9 +216,20 @@ def prune_with_fn_constraint(
     on_record: Callable[[StepRecord, FNConstrainedPruning], None] | None = None,
     progress: bool = False,
     round_to: int | None = ROUND_TO,
+    cert_loader: Iterable[Any] | None = None,
 ) -> tuple[nn.Module, ControllerResult]:
     """Prune ``model`` structurally with Torch-Pruning until a MACs reduction (or parameter count) is reached
-    while the important classes' validation FN stays within budget. Returns ``(model, result)``.
+    while the important classes keep their false negatives. Returns ``(model, result)``.
+
+    The rule is ``constraint``: by default :class:`~classaware_plugin.core.FNGuarantee` (the certified rule: each
+    important class's FN rate on new data within its budget, with probability at least ``1 - delta``;
+    ``result.certificate`` holds the delivered model's bound), or :class:`FNConstraint` (counts on validation). The
+    certified rule tests on ``cert_loader``, data that nothing else may see; without it ``val_loader``'s data set is
+    cut in two (stratified, :func:`~classaware_plugin.core.guarantee.split_for_certification`) and steps are judged
+    on the first half. Pass ``cert_loader`` yourself when your ``finetune`` reads validation data (early stopping):
+    it must not read the certification half. With ``operating_point='calibrated'`` the delivered model needs the
+    shift it was certified with: ``calibrate(model, val_loader, classes, shifts=result.history[-k].shifts)`` of the
+    last accepted attempt.
 
     Example:
         >>> model, result = prune_with_fn_constraint(model, torch.randn(2, 3, 32, 32), train_dl, val_dl,
@@ -229,11 +245,15 @@ def prune_with_fn_constraint(
         counts = _class_counts(train_loader)
         loss_fn = ClassDependentLoss(important, class_counts=counts) if min(counts) > 0 else nn.CrossEntropyLoss()
     importance = importance or ClassAwareImportance(important)
+    constraint = constraint if constraint is not None else FNGuarantee(important)
+    if isinstance(constraint, FNGuarantee) and cert_loader is None:
+        val_loader, cert_loader = split_for_certification(val_loader)
+        log.info("certified rule: half of the validation data (stratified) is held out for certification")
     backend = TorchPruningBackend(
         model, example_inputs, importance, val_loader, important, calib_loader=train_loader, finetune=finetune,
         train_loader=train_loader, loss_fn=loss_fn, finetune_epochs=finetune_epochs, lr=lr,
         ignored_layers=ignored_layers, global_pruning=global_pruning, calib_batches=calib_batches, progress=progress,
-        round_to=round_to,
+        round_to=round_to, cert_loader=cert_loader,
     )
     if target_params is not None:
         check_number("target_params", target_params, low=1, integer=True)
@@ -241,7 +261,7 @@ def prune_with_fn_constraint(
     else:
         target, key = float(target_macs_reduction), "macs_reduction"  # type: ignore[arg-type]
     loop = FNConstrainedPruning(
-        backend, constraint or FNConstraint(important), target=target, target_key=key, step=step,
+        backend, constraint, target=target, target_key=key, step=step,
         max_halvings=max_halvings, max_steps=max_steps, on_record=on_record,
     )
     return model, loop.run()
