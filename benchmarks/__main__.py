@@ -2,7 +2,8 @@
 [--out DIR]; python -m benchmarks summarize [--out DIR]; python -m benchmarks scoring [--out DIR];
 python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...];
 python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda];
-python -m benchmarks dense-loss [--suite NAME ...] [--out DIR]"""
+python -m benchmarks dense-loss [--suite NAME ...] [--out DIR]; python -m benchmarks noise [--data NAME ...];
+python -m benchmarks guarantee [--data NAME ...] [--seeds N ...]"""
 from __future__ import annotations
 
 import argparse
@@ -60,6 +61,17 @@ def main() -> None:
                     help=f"cross-entropy suites (default: all): {', '.join(sorted(LOSS_ABLATION))}")
     dl.add_argument("--out", type=Path)
     dl.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    nz = sub.add_parser("noise", help="spread of a step's validation accuracy and FN over fine-tuning seeds, per "
+                        "fine-tuning variant (results/noise.md)")
+    nz.add_argument("--data", nargs="*", choices=["digits", "fashion"], metavar="DATA")
+    nz.add_argument("--out", type=Path)
+    nz.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    gu = sub.add_parser("guarantee", help="validity and cost of the certified FN rule against the count rule and "
+                        "class-agnostic sweeps held to the same guarantee (results/guarantee.md)")
+    gu.add_argument("--data", nargs="*", choices=["fashion", "digits", "cancer", "mobilenet"], metavar="DATA")
+    gu.add_argument("--seeds", type=int, nargs="*", help="seeds (default 0-9)")
+    gu.add_argument("--out", type=Path)
+    gu.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
     tp_.add_argument("--out", type=Path)
     tp_.add_argument("--nproc", type=_positive_int, nargs="*", default=[1, 2], help="process counts (default: 1 2)")
@@ -118,6 +130,24 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run_dense_loss(out, tuple(args.suite or sorted(LOSS_ABLATION)))
+        return
+    elif args.cmd == "noise":
+        import torch
+
+        from .noise import DATA, run as run_noise
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_noise(out, tuple(args.data or DATA))
+        return
+    elif args.cmd == "guarantee":
+        import torch
+
+        from .guarantee import DATA as G_DATA, SEEDS, run as run_guarantee
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_guarantee(out, tuple(args.data or G_DATA), tuple(args.seeds if args.seeds is not None else SEEDS))
         return
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime

@@ -8,7 +8,6 @@ differ. ``*_fn`` methods add the FN-constrained stopping rule, ``*_cal`` decisio
 from __future__ import annotations
 
 import copy
-import itertools
 import math
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -28,6 +27,7 @@ from classaware_plugin.core import (
     make_score,
     train,
 )
+from classaware_plugin.core.training import recalibrate_batchnorm
 from classaware_plugin.torch_pruning import ClassAwareImportance, TorchPruningBackend, count_params_macs, make_permanent
 from classaware_plugin.unstructured import UnstructuredBackend
 
@@ -99,20 +99,8 @@ class Context:
         only the statistics follow the channels that were removed upstream. The same batches for every method."""
 
         def recalibrate(m: nn.Module) -> None:
-            norms = [b for b in m.modules() if isinstance(b, nn.modules.batchnorm._BatchNorm)]
-            saved = [b.momentum for b in norms]
-            for b in norms:
-                b.reset_running_stats()
-                b.momentum = None
             self.loaders["generator"].manual_seed(self.pass_seed(0))
-            was_training = m.training
-            m.train()
-            with torch.no_grad():
-                for x, _ in itertools.islice(self.loaders["train"], batches):
-                    m(x)
-            m.train(was_training)
-            for b, mom in zip(norms, saved):
-                b.momentum = mom
+            recalibrate_batchnorm(m, self.loaders["train"], batches)
 
         return recalibrate
 

@@ -221,6 +221,38 @@ def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_mod
     assert result.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
 
 
+def test_the_default_rule_certifies_the_delivered_model_on_the_half_of_validation_it_never_judged(
+        digits, dense_digits_model):
+    """prune_with_fn_constraint with no constraint: the certified rule. Validation is cut in two (stratified): steps
+    are judged on one half (their FN counts are over its positives) and certified on the other; the delivered model's
+    certificate is recomputed on that half."""
+    from classaware_plugin.core import FNGuarantee, fn_rate_upper_bound, predict, split_for_certification
+    from classaware_plugin.torch_pruning import TorchPruningBackend
+
+    model = copy.deepcopy(dense_digits_model)
+    train_dl, val_dl, _ = digits.loaders(64, seed=0)
+    model, result = prune_with_fn_constraint(model, torch.randn(2, *digits.input_shape), train_dl, val_dl, [3],
+                                             target_macs_reduction=1.5, finetune_epochs=0.5, max_steps=4, round_to=None)
+    selection, cert = split_for_certification(val_dl)
+    y_cert = predict(model, cert)[0]
+    assert result.budgets[3].positives == int((y_cert == 3).sum()) == 18
+    assert all(r.fn[3] <= result.budgets[3].selection_positives for r in result.history)
+    assert result.dense.support[3] == result.budgets[3].selection_positives == 18
+    if "accept" in [r.decision for r in result.history]:
+        k = result.certificate[3]
+        y, z = predict(model, cert)
+        fn = int(((y == 3) & (z.argmax(1) != 3)).sum())  # argmax rule: no shift to fold
+        assert (k.fn, k.positives) == (fn, 18) and result.certified
+        assert k.upper_bound == pytest.approx(fn_rate_upper_bound(fn, 18, 0.1)) <= k.max_fn_rate
+    else:
+        assert result.certificate == {} and not result.certified
+    backend = TorchPruningBackend(copy.deepcopy(dense_digits_model), torch.randn(2, *digits.input_shape),
+                                  ClassAwareImportance([3]), val_dl, [3], calib_loader=train_dl)
+    with pytest.raises(ClassAwareError, match="certification split"):
+        FNConstrainedPruning(backend, FNGuarantee([3]), target=1.5).run()  # no cert_loader: refused before any step
+    assert backend.measure()["macs_reduction"] == 1.0
+
+
 @pytest.mark.parametrize("round_to", [8, 4, None])
 def test_channel_counts_are_rounded_and_the_target_is_still_met(digits, dense_digits_model, round_to):
     model = copy.deepcopy(dense_digits_model)

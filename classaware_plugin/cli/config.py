@@ -40,6 +40,7 @@ FROM_LIBRARY: dict[str, Constraint] = {
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
     "pruning.finetune_epochs": TRAIN_PARAMETERS["epochs"], "pruning.lr": TRAIN_PARAMETERS["lr"],
     "pruning.finetune_patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "pruning.finetune_schedule": TRAIN_PARAMETERS["schedule"],
     "pruning.distill": Distillation.PARAMETERS["weight"],
     "pruning.distill_temperature": Distillation.PARAMETERS["temperature"],
     "pruning.round_to": ROUND_TO_CONSTRAINT,
@@ -193,6 +194,7 @@ def validate(cfg: dict[str, Any]) -> None:
             )
     _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
     _num("pruning.calib_batches", p["calib_batches"], low=1, integer=True)
+    _num("pruning.bn_batches", p["bn_batches"], low=0, integer=True)
     c = cfg["constraint"]
     if not isinstance(cfg["calibration"], bool):
         raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")

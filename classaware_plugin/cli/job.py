@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,7 @@ from ..core.controller import FNConstrainedPruning, FNConstraint, StepRecord
 from ..core.guarantee import FNGuarantee, guarantee_sentence, split_for_certification
 from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
-from ..core.training import Distillation, EarlyStopping, train
+from ..core.training import Distillation, EarlyStopping, recalibrate_batchnorm, train
 from ..backends import create_backend
 from ..data import DataBundle, labels_of, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
@@ -236,23 +237,35 @@ class Job:
             saved = None
         loss.warmup = False
 
-    def _backend(self, model: nn.Module, dense: nn.Module, bundle: DataBundle, important: list[int],
-                 dl: dict[str, Any], attempt_of):
+    def finetuner(self, dense: nn.Module, bundle: DataBundle, important: list[int], dl: dict[str, Any],
+                  attempt_of: Callable[[], int]) -> Callable[[nn.Module], None]:
+        """The fine-tuning after every pruning step: the training loss (with distillation from ``dense`` when set),
+        ``pruning.finetune_epochs`` at ``pruning.lr`` under ``pruning.finetune_schedule``, early stopping on the
+        validation (selection) split, then (``pruning.bn_batches``) BatchNorm statistics re-estimated on training
+        batches. Seeded by ``attempt_of()``, so a resumed run repeats exactly what an uninterrupted one does."""
         p = self.cfg["pruning"]
         loss = make_loss(self.cfg, bundle, important)
         seed = self.cfg["seed"]
         distillation = Distillation(dense, p["distill"], p["distill_temperature"]) if p["distill"] else None
 
         def finetune(m: nn.Module) -> None:
-            # Seeded by the attempt number, so a resumed run repeats exactly what an uninterrupted one does.
             k = attempt_of()
             torch.manual_seed(seed * 100_003 + k)
             dl["train"].generator.manual_seed(seed * 100_003 + k)
             stopper = EarlyStopping(dl["val"], p["finetune_patience"]) if p["finetune_patience"] is not None else None
             train(m, dl["train"], loss, epochs=p["finetune_epochs"], lr=p["lr"], early_stopping=stopper,
                   optimizer=self.cfg["training"]["optimizer"], progress=self.progress, desc=f"fine-tuning (attempt {k})",
-                  sync_batchnorm=self.cfg["training"]["sync_batchnorm"], distillation=distillation)
+                  sync_batchnorm=self.cfg["training"]["sync_batchnorm"], distillation=distillation,
+                  schedule=p["finetune_schedule"])
+            if p["bn_batches"]:
+                recalibrate_batchnorm(m, dl["train"], p["bn_batches"])
 
+        return finetune
+
+    def _backend(self, model: nn.Module, dense: nn.Module, bundle: DataBundle, important: list[int],
+                 dl: dict[str, Any], attempt_of):
+        p = self.cfg["pruning"]
+        finetune = self.finetuner(dense, bundle, important, dl, attempt_of)
         example = torch.zeros(2, *bundle.input_shape, device=self.device)
         # The stop target: sparsity (unstructured), fewer MACs, or measured speed against the dense model.
         probe, key, target = None, "macs_reduction", p["target_macs_reduction"]
@@ -363,11 +376,11 @@ class Job:
             run.loop.load_state_dict(state["controller"])
         if run.stage == "pruning":
             run.loop.run(dense=dense_val)
-        else:
-            run.loop.prepare(dense=dense_val)  # the budgets the report states
             run.backend.finalize()  # NNI: ModelSpeedup removes the masked channels; unstructured: masks baked in
             run.stage = "pruned"
             self._checkpoint(run, "pruned")
+        else:
+            run.loop.prepare(dense=dense_val)  # the budgets the report states
         return run
 
     def calibrate(self, run: PruningRun, dense_val: Evaluation, important: list[int],
@@ -439,6 +452,7 @@ class Job:
                     "satisfied": not run.constraint.violations(dense_val, pruned_val)}
         budgets = run.loop.budgets_
         guarantee: dict[str, Any] = {}
+        final: dict[int, Any] = {}
         if run.loop.certificate_:
             # The delivered model (shift folded in, NNI sped up) tested again: the same model, so the same counts.
             final = run.constraint.certify(budgets, *predict(model, dl["cert"]))
@@ -451,8 +465,7 @@ class Job:
                 # the plot's and table's line: the most selection-split misses a step may show to be sent to the test
                 "budget": {str(k): b.screen_limit for k, b in budgets.items()},
                 "guarantee": guarantee,
-                "sentence": guarantee_sentence(run.loop.certificate_, bundle.class_names, c["delta"])
-                if run.loop.certificate_ else None,
+                "sentence": guarantee_sentence(final, bundle.class_names, c["delta"]) if final else None,
                 "satisfied": bool(guarantee) and all(g["certified"] for g in guarantee.values())}
 
 

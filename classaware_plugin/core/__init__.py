@@ -19,6 +19,14 @@ from .controller import (
     StepRecord,
     StopReason,
 )
+from .guarantee import (
+    Certificate,
+    ClassBudget,
+    FNGuarantee,
+    fn_rate_upper_bound,
+    positives_needed,
+    split_for_certification,
+)
 from .distributed import RanksDivergedError, resolve_device, shard_loader
 from .lottery import MaskSet, RewindSnapshot
 from .loss import ClassDependentLoss, make_class_weights
@@ -30,7 +38,8 @@ from .scores import DEFAULT_SCORE, Score, available_scores, make_score, reduce_t
 from .training import Distillation, EarlyStopping, train, validation_loss
 
 __all__ = [
-    "Calibration", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "Distillation", "EarlyStopping", "Evaluation",
+    "Calibration", "Certificate", "ClassBudget", "FNGuarantee", "fn_rate_upper_bound", "positives_needed",
+    "split_for_certification", "ChannelFisher", "ChannelScores", "ClassAwareError", "ClassDependentLoss", "ClassSaliency", "DEFAULT_SCORE", "ControllerResult", "Distillation", "EarlyStopping", "Evaluation",
     "DECISIONS", "Decision", "FNConstrainedPruning", "FNConstraint", "MaskSet", "ModelBackend", "STOP_REASONS", "StopReason", "NonFiniteLossError", "NothingToPrune", "PruningBackend",
     "RanksDivergedError", "RewindSnapshot", "Score", "ScoreMap", "StaleStatisticsError", "StepRecord", "available_scores", "calibrate",
     "OperatingPoint", "evaluate", "evaluate_predictions", "fn_at_fpr", "fpr_of", "find_logit_shifts", "make_class_weights", "make_score", "predict",

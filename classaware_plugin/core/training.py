@@ -124,6 +124,42 @@ class EarlyStopping:
 
 
 @torch.no_grad()
+def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int) -> None:
+    """Re-estimate every BatchNorm's running statistics over ``batches`` batches of ``loader`` (train mode, no
+    gradients, a cumulative average; "adaptive BN", Li et al., EagleEye, ECCV 2020): the weights stay as they are,
+    the statistics no longer carry the exponential average of the last training steps. The model's mode and each
+    BatchNorm's momentum are restored; under torch.distributed every rank ends with rank 0's statistics.
+
+    Example:
+        >>> net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+        >>> recalibrate_batchnorm(net, [(torch.ones(4, 2), torch.zeros(4))], batches=1)
+        >>> int(net[1].num_batches_tracked)
+        1
+    """
+    check_params({"batches": Interval(1, integer=True)}, {"batches": batches})
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    was_training = model.training
+    device = next(model.parameters()).device
+    try:
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None  # cumulative moving average: every batch counts alike
+        model.train()
+        for i, batch in enumerate(loader):
+            if i >= batches:
+                break
+            model(batch[0].to(device))
+    finally:
+        for m, momentum in zip(norms, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+    distributed.broadcast_buffers(model)
+
+
+@torch.no_grad()
 def validation_loss(model: nn.Module, loader: Iterable[Any],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """The mean of ``loss_fn`` over ``loader``'s batches, weighted by batch size, in eval mode (the mode is restored);

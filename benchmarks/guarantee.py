@@ -1,0 +1,290 @@
+"""Does the certified rule keep its promise on data it never saw, and what does the promise cost? (issue 31)
+
+For every data set and seed (each seed draws other splits) the CLI job runs twice on the same dense model (trained
+once per seed by the job, early stopping on the selection split, then given to both runs as ``model.checkpoint``):
+
+- ``certified``: the default rule; its budget is ``constraint.guarantee[c].max_fn_rate``;
+- ``count``: the rule before it (``constraint.rule: count``, the CLI's defaults: validation FN <= dense validation
+  FN, judged at the calibrated operating point); its stated budget is that count over the validation positives.
+
+Where the model is a convolutional network, a class-agnostic recipe is held to the same guarantee: Torch-Pruning's
+GroupTaylorImportance and NNI's L1NormPruner, each at a sweep of fixed MACs reductions (one shot from the dense model
+at the ratio that reaches the level, then the job's fine-tuning with the budget the iterative loop spends to reach
+that level), calibrated on the selection split and certified on the certification split exactly as the certified
+rule does (the same budgets); the levels are tested in increasing order, the first failure ends the sweep (fixed
+sequence: the same guarantee), and the largest certified level is kept.
+
+A run *violates* its budget when the delivered model's FN rate on the **test** split exceeds the stated budget. Rows
+(one per data set, seed and rule: budget, upper bound, test FN rate, violated, compression, seconds, CPU seconds)
+go to ``guarantee/raw.jsonl`` as they land (a re-run skips rows already there); ``guarantee.json`` holds every row
+and the summary (violation share with its 95% Clopper-Pearson interval, median compression, median CPU seconds),
+``guarantee.md`` the table. CPU seconds (``time.process_time``, one torch thread) are the compute measure: they do
+not move when another process shares the machine.
+
+    python -m benchmarks guarantee [--data fashion digits cancer mobilenet] [--seeds 0 1 ...] [--threads 1]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+from torch import nn
+
+from classaware_plugin.cli.config import load_config, make_constraint
+from classaware_plugin.cli.job import Job, load_data, loaders, prepare_run_dir
+from classaware_plugin.core import evaluate, predict
+from classaware_plugin.core.calibration import last_linear
+from classaware_plugin.core.guarantee import FNGuarantee, shifted
+from classaware_plugin.data import labels_of
+from classaware_plugin.export import atomic_write_text
+from classaware_plugin.measure import count_params_macs
+
+from .harness import RESULTS
+from .methods import structured_steps
+
+log = logging.getLogger("benchmarks")
+CACHE = RESULTS / "cache" / "guarantee"
+FASHION = ["data.name=fashion_mnist", "important_classes=[Shirt]", "data.keep_fraction=0.1", "data.train_limit=20000",
+           "model.kwargs={depth: 8, width: 16}", "pruning.finetune_epochs=1.0"]
+DATA: dict[str, dict[str, Any]] = {
+    # data set -> the job's --set overrides and whether the class-agnostic sweep runs (convolutional models)
+    "fashion": {"sets": FASHION, "sweep": True},
+    "digits": {"sets": [], "sweep": True},
+    "cancer": {"sets": ["data.name=breast_cancer", "important_classes=[0]", "data.keep_fraction=0.5", "model.name=mlp",
+                        "model.kwargs={hidden: [64, 32]}", "training.epochs=60", "pruning.granularity=unstructured",
+                        "pruning.target_sparsity=0.95", "pruning.finetune_epochs=10"], "sweep": False},
+    "mobilenet": {"sets": ["data.image_size=32", "data.channels=3", "model.name=mobilenet_v2",
+                           "model.kwargs={width_mult: 0.5}"], "sweep": True},
+}
+COMMON = ["pruning.target_macs_reduction=4.0", "export.onnx=false"]
+SEEDS = tuple(range(10))
+SWEEP_LEVELS = (1.5, 2.0, 2.5, 3.0, 4.0)
+RULES = ("certified", "count")
+SWEEPS = ("tp_taylor", "nni_l1")
+
+
+def config(name: str, seed: int, extra: list[str] = ()) -> dict[str, Any]:
+    return load_config(None, [*DATA[name]["sets"], *COMMON, f"seed={seed}", *extra])
+
+
+def dense_checkpoint(name: str, seed: int) -> Path:
+    """The seed's dense model, trained once by the job (selection-split early stopping) and cached."""
+    run_dir = CACHE / f"{name}_{seed}" / "dense"
+    path = run_dir / "dense.pt"
+    if not path.exists():
+        cfg = config(name, seed)
+        prepare_run_dir(run_dir, force=True)
+        job = Job(cfg, run_dir, progress=False)
+        bundle, important = load_data(cfg)
+        job.dense_model(bundle, important, loaders(bundle, cfg))
+    return path
+
+
+def _fn_rate(report_part: dict[str, Any], c: int) -> float:
+    return report_part["fn"][str(c)] / report_part["support"][str(c)]
+
+
+def run_rule(name: str, seed: int, rule: str) -> dict[str, Any]:
+    """The CLI job under ``rule`` on the seed's dense model; one row."""
+    cfg = config(name, seed, [f"constraint.rule={rule}", f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    run_dir = prepare_run_dir(CACHE / f"{name}_{seed}" / rule, force=True)
+    t, cpu = time.time(), time.process_time()
+    report = Job(cfg, run_dir, progress=False).run()
+    seconds, cpu = time.time() - t, time.process_time() - cpu
+    c = report["constraint"]["important_classes"][0]
+    con = report["constraint"]
+    if rule == "certified":
+        g = con["guarantee"].get(str(c))
+        budget = con["budgets"][str(c)]["max_fn_rate"]
+        upper = g["upper_bound"] if g else None
+    else:
+        budget = con["budget"][str(c)] / report["dense"]["validation"]["support"][str(c)]
+        upper = None
+    key = report["target"]["key"]
+    reached = ([r[key] for r in report["history"] if r["decision"] == "accept"] or [1.0 if key != "sparsity" else 0.0])[-1]
+    test_rate = _fn_rate(report["pruned"], c)
+    return {"data": name, "seed": seed, "rule": rule, "budget": budget, "upper_bound": upper,
+            "certified": bool(con["satisfied"]), "test_fn_rate": test_rate, "violated": test_rate > budget + 1e-12,
+            "dense_test_fn_rate": _fn_rate(report["dense"], c),
+            "more_fn_than_dense": report["pruned"]["fn"][str(c)] > report["dense"]["fn"][str(c)],
+            "compression_key": key, "compression": reached, "accuracy": report["pruned"]["accuracy"],
+            "dense_accuracy": report["dense"]["accuracy"], "attempts": len(report["history"]),
+            "stop_reason": report["stop_reason"], "seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)}
+
+
+# ----------------------------------------------------------------------------- the class-agnostic sweep
+def _prune_tp(model: nn.Module, ratio: float, example: torch.Tensor, calib: Any, batches: int, round_to: int) -> None:
+    import torch_pruning as tp
+
+    from classaware_plugin.torch_pruning import RoundingMetaPruner, accumulate_gradients
+
+    accumulate_gradients(model, calib, batches)
+    RoundingMetaPruner(model, example, importance=tp.importance.GroupTaylorImportance(), pruning_ratio=ratio,
+                       ignored_layers=[last_linear(model)], round_to=round_to).step()
+    model.zero_grad(set_to_none=True)
+
+
+def _prune_nni(model: nn.Module, ratio: float, example: torch.Tensor, calib: Any, batches: int, round_to: int) -> None:
+    import classaware_plugin.nni as cnni
+
+    model.eval()
+    config_list = cnni.prepare_config_list(
+        model, [{"op_types": ["Conv2d"], "sparse_ratio": ratio, "granularity": "out_channel"}])
+    pruner = cnni.get_pruner_class("L1NormPruner")(model, config_list)
+    _, masks = pruner.compress()
+    pruner.unwrap_model()
+    cnni.speedup(model, example, cnni.plain_masks(masks))
+
+
+PRUNE = {"tp_taylor": _prune_tp, "nni_l1": _prune_nni}
+
+
+def prune_to(method: str, dense: nn.Module, level: float, example: torch.Tensor, calib: Any, batches: int,
+             round_to: int) -> nn.Module:
+    """The dense model pruned in one shot at the smallest ratio (bisection, 8 halvings) that reaches ``level``x
+    fewer MACs."""
+    dense_macs = count_params_macs(dense, example)[1]
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        model = copy.deepcopy(dense)
+        PRUNE[method](model, mid, example, calib, batches, round_to)
+        if dense_macs / count_params_macs(model, example)[1] >= level:
+            hi, best = mid, model
+        else:
+            lo = mid
+    if best is None:
+        best = copy.deepcopy(dense)
+        PRUNE[method](best, hi, example, calib, batches, round_to)
+    return best
+
+
+def run_sweep(name: str, seed: int, method: str) -> dict[str, Any]:
+    """The class-agnostic recipe at a sweep of fixed levels, held to the certified rule's guarantee; one row."""
+    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    bundle, important = load_data(cfg)
+    dl = loaders(bundle, cfg)
+    c = important[0]
+    job = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False)
+    dense = job.dense_model(bundle, important, dl).eval()  # the cached dense.pt
+    rule = make_constraint(cfg, important)
+    assert isinstance(rule, FNGuarantee)
+    dense_sel = evaluate(dense, dl["val"], important, bundle.num_classes)
+    cert_labels = labels_of(dl["cert"].dataset)
+    budgets = rule.budgets(dense_sel.fn, dense_sel.support, {k: int((cert_labels == k).sum()) for k in important})
+    p = cfg["pruning"]
+    example = torch.zeros(2, *bundle.input_shape)
+    t, cpu = time.time(), time.process_time()
+    kept: tuple[float, nn.Module, dict[int, float], Any] | None = None
+    levels: list[dict[str, Any]] = []
+    for level in SWEEP_LEVELS:
+        model = prune_to(method, dense, level, example, dl["calib"], p["calib_batches"], p["round_to"])
+        epochs = structured_steps(level) * p["finetune_epochs"]  # what the iterative loop spends to get there
+        tuned = Job(config(name, seed, [f"pruning.finetune_epochs={epochs}"]), job.dir, progress=False)
+        tuned.finetuner(dense, bundle, important, dl, lambda lv=level: int(lv * 1000))(model)
+        _, screen, shifts = rule.judge(dense_sel, budgets, *predict(model, dl["val"]))
+        if screen:  # not worth testing (the selection split says so): skipped, the sequence goes on
+            levels.append({"level": level, "screened_out": screen})
+            continue
+        cert = rule.certify(budgets, *predict(model, dl["cert"]), shifts)
+        ok = all(k.certified for k in cert.values())
+        levels.append({"level": level, "certified": ok, "upper_bound": cert[c].upper_bound})
+        if not ok:
+            break
+        kept = (level, model, shifts, cert)
+    seconds, cpu = time.time() - t, time.process_time() - cpu
+    row: dict[str, Any] = {"data": name, "seed": seed, "rule": f"{method}_sweep", "budget": budgets[c].max_fn_rate,
+                           "levels": levels, "compression_key": "macs_reduction", "seconds": round(seconds, 1),
+                           "cpu_seconds": round(cpu, 1)}
+    y, z = predict(kept[1] if kept else dense, dl["test"])
+    z = shifted(z, kept[2]) if kept else z
+    pos = y == c
+    test_rate = float((z[pos].argmax(1) != c).mean())
+    dense_y, dense_z = predict(dense, dl["test"])
+    dense_rate = float((dense_z[dense_y == c].argmax(1) != c).mean())
+    row.update({"upper_bound": kept[3][c].upper_bound if kept else None, "certified": kept is not None,
+                "test_fn_rate": test_rate, "violated": bool(kept) and test_rate > budgets[c].max_fn_rate + 1e-12,
+                "dense_test_fn_rate": dense_rate, "more_fn_than_dense": bool(test_rate > dense_rate),
+                "compression": kept[0] if kept else 1.0, "accuracy": float((z.argmax(1) == y).mean()),
+                "dense_accuracy": float((dense_z.argmax(1) == dense_y).mean())})
+    return row
+
+
+# ----------------------------------------------------------------------------- summary
+def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a share ``k / n``."""
+    a = (1 - level) / 2
+    low = 0.0 if k == 0 else float(stats.beta.ppf(a, k, n - k + 1))
+    high = 1.0 if k == n else float(stats.beta.ppf(1 - a, k + 1, n - k))
+    return low, high
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    groups = [(d, r) for d in [*DATA, "all"] for r in [*RULES, *(f"{m}_sweep" for m in SWEEPS)]]
+    for data, rule in groups:
+        rs = [r for r in rows if r["rule"] == rule and (data == "all" or r["data"] == data)]
+        if not rs:
+            continue
+        k = sum(r["violated"] for r in rs)
+        low, high = binomial_interval(k, len(rs))
+        out[f"{data}/{rule}"] = {
+            "runs": len(rs), "violations": k, "violation_share": k / len(rs), "ci_low": low, "ci_high": high,
+            "more_fn_than_dense": sum(r["more_fn_than_dense"] for r in rs),
+            "certified": sum(r["certified"] for r in rs),
+            "median_compression": float(np.median([r["compression"] for r in rs])),
+            "median_cpu_seconds": float(np.median([r["cpu_seconds"] for r in rs])),
+            "mean_budget": float(np.mean([r["budget"] for r in rs])),
+            "mean_test_fn_rate": float(np.mean([r["test_fn_rate"] for r in rs])),
+            "mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),
+        }
+    return out
+
+
+def table(summary: dict[str, Any]) -> str:
+    lines = ["| data / rule | runs | test FN rate > budget (95% CI) | more test FN than dense | certified | "
+             "mean budget | mean test FN rate | median compression | median CPU s | accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for key, s in summary.items():
+        lines.append(
+            f"| {key} | {s['runs']} | {s['violations']} ({100 * s['violation_share']:.0f}%, "
+            f"{100 * s['ci_low']:.0f}-{100 * s['ci_high']:.0f}%) | {s['more_fn_than_dense']} | {s['certified']} | "
+            f"{s['mean_budget']:.3f} | {s['mean_test_fn_rate']:.3f} | {s['median_compression']:.2f} | "
+            f"{s['median_cpu_seconds']:.0f} | {100 * s['mean_accuracy']:.1f}% |")
+    return "\n".join(lines) + "\n"
+
+
+def write(out: Path, rows: list[dict[str, Any]]) -> None:
+    summary = summarize(rows)
+    atomic_write_text(out / "guarantee.json", json.dumps({"rows": rows, "summary": summary}, indent=1))
+    atomic_write_text(out / "guarantee.md", table(summary))
+
+
+def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...]) -> None:
+    raw = out / "guarantee" / "raw.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
+    done = {(r["data"], r["seed"], r["rule"]) for r in rows}
+    for name in names:
+        for seed in seeds:
+            todo = [*RULES, *(f"{m}_sweep" for m in SWEEPS if DATA[name]["sweep"])]
+            for rule in todo:
+                if (name, seed, rule) in done:
+                    continue
+                row = run_rule(name, seed, rule) if rule in RULES else run_sweep(name, seed, rule[: -len("_sweep")])
+                log.info("%s seed %d %s: budget %.3f, test FN rate %.3f (%s), compression %.2f, %.0f CPU s", name,
+                         seed, rule, row["budget"], row["test_fn_rate"], "VIOLATED" if row["violated"] else "ok",
+                         row["compression"], row["cpu_seconds"])
+                with raw.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+    # the summary of everything in raw.jsonl (also rows another process appended)
+    write(out, [json.loads(line) for line in raw.read_text().splitlines() if line.strip()])
