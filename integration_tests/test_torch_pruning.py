@@ -221,6 +221,46 @@ def test_fn_constrained_pruning_on_digits_rolls_back_and_returns_a_compliant_mod
     assert result.stop_reason in ("target_reached", "no_compliant_step", "step_budget")
 
 
+# Every torchvision classifier family (its smallest variant) on which Torch-Pruning's own GroupTaylorImportance prunes
+# in the flow below at 64 px (inception_v3: 80 px, its minimum), measured on torchvision 0.29 / Torch-Pruning 1.6.1.
+# Not in it, because GroupTaylorImportance fails too: shufflenet_v2 (ZeroDivisionError in TP's channel-shuffle
+# handling), vit_b_16 (TP reshapes its attention at a fixed width); swin and maxvit need 224 px (too slow here).
+TORCHVISION_CLASSIFIERS = (
+    "alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "efficientnet_v2_s", "googlenet", "inception_v3",
+    "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "regnet_y_400mf", "resnet18", "resnet50",
+    "resnext50_32x4d", "squeezenet1_0", "vgg11", "vgg11_bn", "wide_resnet50_2",
+)
+
+
+def _one_step(name: str, importance: str) -> tuple[int, int]:
+    """Torch-Pruning's flow with one importance: one MetaPruner step at ratio 0.3; (parameters before, after)."""
+    torch.manual_seed(0)
+    kw = {"aux_logits": False, "init_weights": False} if name in ("googlenet", "inception_v3") else {}
+    model = torchvision.models.get_model(name, num_classes=10, **kw).eval()
+    size = 80 if name == "inception_v3" else 64
+    x, y = torch.randn(4, 3, size, size), torch.arange(4) % 10
+    if importance == "taylor":
+        imp = tp.importance.GroupTaylorImportance()
+        nn.functional.cross_entropy(model(x), y).backward()
+    else:
+        imp = ClassAwareImportance(important_classes=[3], model=model, dataloader=DataLoader(TensorDataset(x, y), batch_size=4))
+    before = sum(p.numel() for p in model.parameters())
+    # the classifier: a Linear, or SqueezeNet's final 1x1 conv
+    ignored = [m for m in model.modules() if getattr(m, "out_features", getattr(m, "out_channels", 0)) == 10]
+    tp.pruner.MetaPruner(model, x[:1], importance=imp, pruning_ratio=0.3, ignored_layers=ignored).step()
+    assert model(x).shape == (4, 10)
+    return before, sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", TORCHVISION_CLASSIFIERS)
+def test_the_drop_in_prunes_every_torchvision_classifier_that_group_taylor_prunes(name):
+    """The importance line swapped in Torch-Pruning's flow: wherever GroupTaylorImportance prunes, ours prunes as many
+    parameters (the structure decides how many; the score, which)."""
+    before, theirs = _one_step(name, "taylor")
+    assert theirs < before
+    assert _one_step(name, "ours") == (before, theirs)
+
+
 def test_the_default_rule_certifies_the_delivered_model_on_the_half_of_validation_it_never_judged(
         digits, dense_digits_model):
     """prune_with_fn_constraint with no constraint: the certified rule. Validation is cut in two (stratified): steps

@@ -27,7 +27,17 @@ from .statistics import BucketStatistics, bucket_masks
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
          nn.InstanceNorm3d, nn.LayerNorm)
-_LAST_DIM = (nn.Linear, nn.LayerNorm)  # their channels are the last dimension of the output
+
+
+def channel_dim(module: nn.Module, out: torch.Tensor) -> int:
+    """The dimension of ``module``'s output that holds its channels: the last for ``nn.Linear`` and ``nn.LayerNorm``
+    (channels-last tensors, as in ConvNeXt's blocks), 1 otherwise. A LayerNorm subclass whose output has its width
+    in dimension 1 normalises a channels-first tensor (torchvision's ``LayerNorm2d``, ConvNeXt's downsampling)."""
+    last = out.ndim - 1
+    if isinstance(module, nn.LayerNorm) and type(module) is not nn.LayerNorm and out.ndim > 2:
+        width = module.normalized_shape[-1]
+        return 1 if out.shape[1] == width else last
+    return last if isinstance(module, (nn.Linear, nn.LayerNorm)) else 1
 
 
 def find_gates(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str, nn.Module]], dict[nn.Module, nn.Module]]:
@@ -118,7 +128,7 @@ class ChannelFisher(BucketStatistics):
         z: dict[nn.Module, torch.Tensor] = {}
 
         def gate(m: nn.Module, _: Any, out: torch.Tensor) -> torch.Tensor:
-            dim = out.ndim - 1 if isinstance(m, _LAST_DIM) else 1
+            dim = channel_dim(m, out)
             shape = [out.shape[0]] + [1] * (out.ndim - 1)
             shape[dim] = out.shape[dim]
             z[m] = torch.ones(shape, dtype=out.dtype, device=out.device, requires_grad=True)

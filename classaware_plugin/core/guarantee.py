@@ -234,6 +234,11 @@ class FNGuarantee:
                         derived += (f", widened to {widened:.3f}: the tightest budget at which a model as good as the "
                                     f"dense one is predicted to certify with {n_cert} certification positives")
                         rate = widened
+            if rate >= 1.0:
+                raise ClassAwareError(
+                    f"Important class {c}: a budget of {rate:.3f} ({derived}) promises nothing, since no model misses "
+                    f"more than all cases. The dense model misses {k_dense} of its {n_sel} selection cases: train it "
+                    "until it recognises the class, or state a max_fn_rate below 1.")
             out[c] = self._budget(c, rate, derived, n_sel, n_cert)
         return out
 
