@@ -9,9 +9,11 @@
 from __future__ import annotations
 
 import copy
+import errno
 import glob
 import logging
 import os
+import shutil
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -43,8 +45,9 @@ def leftover_temp_files(path: str | os.PathLike[str]) -> list[Path]:
 def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> None:
     """``write(tmp)`` to a temporary file in the same folder, then an atomic rename onto ``path``.
 
-    A crash at any moment leaves either the old file or the new one, never a half-written one. The file gets the
-    permissions an ordinary ``open(path, "w")`` would give it (mkstemp's are owner-only).
+    A crash at any moment leaves either the old file or the new one, never a half-written one; so does a full disk,
+    which raises an ``OSError`` that says so. The file gets the permissions an ordinary ``open(path, "w")`` would
+    give it (mkstemp's are owner-only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,6 +57,12 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
         write(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"No space left on the device while writing {path} ({os.strerror(e.errno)}); "
+                                   f"{'its previous version is intact' if path.exists() else 'nothing was written'}. "
+                                   "Free some space, then resume") from None
+        raise
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -99,10 +108,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
 
     ``exporter='auto'`` uses PyTorch's current exporter (``torch.onnx.export(dynamo=True)``, built on torch.export)
     and falls back to the legacy TorchScript-based one, logging why, when the model cannot be exported that way;
-    ``'dynamo'`` or ``'legacy'`` forces one.
+    ``'dynamo'`` or ``'legacy'`` forces one. The file is written atomically.
     """
-    import onnxruntime as ort
-
     from .core.validation import check_choice
 
     check_choice("exporter", exporter, EXPORTERS)
@@ -110,6 +117,21 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     example_inputs = example_inputs.cpu()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    # Written and checked in a temporary folder beside ``path``, then renamed into place: a crash or a full disk
+    # leaves the previous export (or none), never a half-written one.
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
+    try:
+        diff = _export_onnx(model, example_inputs, tmp / path.name, exporter)
+        for f in sorted(tmp.iterdir(), key=lambda f: f.name == path.name):  # the .onnx last: its data before it
+            os.replace(f, path.parent / f.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return diff
+
+
+def _export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path, exporter: str) -> float:
+    import onnxruntime as ort
+
     names = {"input_names": ["input"], "output_names": ["logits"]}
     used = "legacy"
     if exporter != "legacy":
@@ -127,6 +149,8 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
             log.warning("ONNX: torch.export could not export %s (%s: %s); using the legacy exporter",
                         type(model).__name__, type(e).__name__, " ".join(str(e).split())[:200])
     if used == "legacy":
+        for f in path.parent.iterdir():  # what the failed export left in the temporary folder
+            f.unlink()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # its own deprecation notice: the fallback is deliberate
             torch.onnx.export(model, (example_inputs,), str(path), dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},

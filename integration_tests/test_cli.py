@@ -329,6 +329,67 @@ def test_resume_is_exact_wherever_the_run_is_killed(default_run, tmp_path, monke
     assert not (out / "dense_training.pt").exists()  # removed once the dense model is saved
 
 
+def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_completes_after_space_is_freed(default_run, tmp_path,
+                                                                                          monkeypatch, capsys):
+    """ENOSPC while the third pruning checkpoint is written: the second stays intact and loadable, no temporary
+    file is left, the run stops with one line that says what happened and how to resume, and after space is freed
+    --resume completes with the uninterrupted run's history and weights."""
+    import errno
+
+    import classaware_plugin.export as export_mod
+
+    real_save = torch.save
+    writes = {"state.pt": 0}
+
+    def full_disk(obj, f, *a, **k):
+        if ".state.pt." in str(f):  # the temporary file of state.pt's atomic write
+            writes["state.pt"] += 1
+            if writes["state.pt"] == 3:
+                Path(f).write_bytes(b"\0" * 100)  # what the disk took before it filled
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **k)
+
+    out = tmp_path / "full"
+    with monkeypatch.context() as mp:
+        mp.setattr(export_mod.torch, "save", full_disk)
+        assert main(["run", "--quiet", "--out", str(out), *_sets(FAST)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "No space left on the device while writing" in err[0] and "state.pt" in err[0]
+    assert "previous version is intact" in err[0] and f"--resume {out}" in err[1]
+    state = torch.load(out / "state.pt", weights_only=False)
+    assert state["stage"] == "pruning" and len(state["controller"]["history"]) == 2
+    assert not list(out.glob(".*.partial"))
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    ref, got = (json.loads((d / "report.json").read_text()) for d in (default_run, out))
+    keys = ("attempt", "decision", "macs", "fn", "accuracy")
+    assert [[r[x] for x in keys] for r in got["history"]] == [[r[x] for x in keys] for r in ref["history"]]
+    assert _max_weight_diff(default_run / "pruned.pt", out / "pruned.pt") == 0.0
+
+
+def test_one_run_per_directory_and_a_killed_runs_lock_does_not_block_its_resume(tmp_path):
+    """A second process on a directory a run is writing is refused, naming the process that holds it; after that run
+    is killed (its lock file stays, the kernel released the lock) --resume completes."""
+    out = tmp_path / "locked"
+    first = subprocess.Popen([sys.executable, "-m", "classaware_plugin.cli.main", "run", "--quiet", "--out", str(out),
+                              *_sets(FAST)], env=CHILD_ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    lock = out / ".classaware-run.lock"
+    for _ in range(1200):
+        if lock.exists() and lock.read_text() and (out / "config.yaml").exists():
+            break
+        time.sleep(0.05)
+    second = _cli("run", "--quiet", "--resume", str(out))
+    first.kill()
+    first.wait()
+    assert second.returncode == 2, second.stderr
+    assert f"in use by process {first.pid}" in second.stderr and "two processes must not write one run" in second.stderr
+    assert lock.exists() and str(first.pid) in lock.read_text()  # left behind by the killed run
+    resumed = _cli("run", "--quiet", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert json.loads((out / "report.json").read_text())["constraint"]["satisfied"] is True
+    forced = _cli("run", "--quiet", "--out", str(out), "--force", *_sets([*FAST, "pruning.max_steps=1"]))
+    assert forced.returncode == 0, forced.stderr[-2000:]  # and a new run may take the directory over
+
+
 def test_a_latency_target_is_measured_at_every_attempt(tmp_path):
     """The job with a latency target instead of MACs: every attempt records the measured speed-up over the dense
     model and the report names the target (whether it is reached depends on the clock, so it is not asserted)."""

@@ -108,3 +108,41 @@ def test_onnxruntime_sessions_are_measured_without_spin_waiting(monkeypatch):
     out = speedup(TinyNet(), TinyNet(), (1, 6, 6), batch_size=4, runtimes=("onnxruntime",), repeats=2, warmup=1)
     assert out["onnxruntime"]["speedup"] > 0
     assert seen == ["0", "0"]
+
+
+def test_an_onnx_export_that_fails_midway_keeps_the_previous_file(tmp_path, monkeypatch):
+    """pruned.onnx is written in a temporary folder beside it and renamed into place once onnxruntime has checked
+    it: an export that dies half-way (here the legacy exporter after writing a truncated file) leaves the previous
+    export untouched and nothing else."""
+    import torch
+
+    from classaware_plugin.export import export_onnx
+
+    model, x = torch.nn.Sequential(torch.nn.Linear(4, 3)), torch.randn(2, 4)
+    assert export_onnx(model, x, tmp_path / "pruned.onnx") < 1e-5
+    before = (tmp_path / "pruned.onnx").read_bytes()
+
+    def dies(model, args, f, **kw):
+        with open(f, "wb") as out:
+            out.write(before[: len(before) // 3])
+        raise RuntimeError("killed mid-export")
+
+    monkeypatch.setattr(torch.onnx, "export", dies)
+    with pytest.raises(RuntimeError, match="killed mid-export"):
+        export_onnx(model, x, tmp_path / "pruned.onnx", exporter="legacy")
+    assert (tmp_path / "pruned.onnx").read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["pruned.onnx"]
+
+
+def test_a_full_disk_is_said_in_one_sentence_and_keeps_the_old_file(tmp_path):
+    import errno
+
+    atomic_write_text(tmp_path / "state.txt", "old")
+
+    def full(tmp: str) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError, match=r"No space left on the device while writing .*state.txt.*previous version is "
+                                      r"intact.*Free some space, then resume"):
+        atomic_write(tmp_path / "state.txt", full)
+    assert (tmp_path / "state.txt").read_text() == "old"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from ..models import build_model, check_output_width
 from ..speed import LatencyProbe, latency_ms, speedup
 from ..measure import count_params_macs
 from .config import make_constraint, score_config, validate
+from .lock import LOCK
 
 log = logging.getLogger(__name__)
 
@@ -485,20 +487,22 @@ class PruningRun:
 
 MARKER = ".classaware-run"
 """Written first into every run directory: ``--force`` deletes only directories that carry it."""
-RUN_FILES = (MARKER, "config.yaml", STATE, DENSE_TRAINING, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx",
+RUN_FILES = (MARKER, "config.yaml", STATE, DENSE_TRAINING, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx", "pruned.onnx.data",
              "report.json", "report.md", "fn_vs_compression.png")
 """Everything a run writes (``--force`` removes these and nothing else)."""
 
 
-def prepare_run_dir(path: Path, force: bool) -> Path:
-    """Create the run directory, or with ``force`` clear a previous run's files from it.
+def _contents(path: Path) -> list[Path]:
+    """What a directory holds besides the run lock (which the process starting a run creates first)."""
+    return [p for p in path.iterdir() if p.name != LOCK] if path.is_dir() else []
 
-    A non-empty directory is reused only when it is a run directory (it has the marker file); ``--force`` then
-    deletes the files a run writes and nothing else, so ``--out ~/data --force`` cannot erase a user's data.
-    """
+
+def check_run_dir(path: Path, force: bool) -> None:
+    """Refuse, writing nothing, a run directory a new run may not use: a file, a non-empty directory without
+    ``--force``, or (with it) a non-empty directory that no run created."""
     if path.exists() and not path.is_dir():
         raise ClassAwareError(f"The run directory {str(path)!r} is a file; choose a directory for --out.")
-    if path.exists() and any(path.iterdir()):
+    if _contents(path):
         if not force:
             raise ClassAwareError(
                 f"The run directory {str(path)!r} is not empty. Resume it with 'classaware-prune run --resume {path}', "
@@ -509,16 +513,26 @@ def prepare_run_dir(path: Path, force: bool) -> Path:
                 f"--force refused: {str(path)!r} is not empty and is not a classaware-prune run directory (it has no "
                 f"{MARKER} file), so nothing in it is deleted. Choose an empty or new directory for --out."
             )
+
+
+def prepare_run_dir(path: Path, force: bool) -> Path:
+    """Create the run directory, or with ``force`` clear a previous run's files from it.
+
+    A non-empty directory is reused only when it is a run directory (it has the marker file); ``--force`` then
+    deletes the files a run writes and nothing else, so ``--out ~/data --force`` cannot erase a user's data.
+    """
+    check_run_dir(path, force)
+    if _contents(path):
         for name in RUN_FILES:
             (path / name).unlink(missing_ok=True)
             for tmp in leftover_temp_files(path / name):  # of an atomic write the run was killed in
-                tmp.unlink(missing_ok=True)
-        left = sorted(p.name for p in path.iterdir())
+                shutil.rmtree(tmp) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        left = sorted(p.name for p in _contents(path))
         if left:
             log.warning("--force kept files that no run writes in %s: %s", path, ", ".join(left[:10]))
     try:
         path.mkdir(parents=True, exist_ok=True)
-        (path / MARKER).write_text("classaware-prune run directory; --force may clear the files a run writes here\n")
+        atomic_write_text(path / MARKER, "classaware-prune run directory; --force may clear the files a run writes here\n")
     except OSError as e:
         raise ClassAwareError(f"Cannot write the run directory {str(path)!r}: {e.strerror}. Choose a writable --out.") from None
     return path

@@ -89,7 +89,8 @@ def _run(args: argparse.Namespace) -> int:
     from ..core.progress import set_quiet
     from . import launch
     from .config import load_config
-    from .job import Job, prepare_run_dir
+    from .job import check_run_dir, prepare_run_dir
+    from .lock import RunLock
 
     set_quiet(args.quiet)
     from ..core.validation import ClassAwareError
@@ -119,20 +120,40 @@ def _run(args: argparse.Namespace) -> int:
         launch.check_splittable(cfg, args.nproc)  # before any work
     if launch.under_torchrun():
         launch.join(cfg)
-    if args.resume:
-        if not os.environ.get(launch.LAUNCHED):
-            log.info("resuming %s", run_dir)
-    else:
-        failed = None
-        if distributed.is_main():  # rank 0 prepares the directory; the others take its outcome
-            try:
+    lock = RunLock(run_dir)
+    failed = None
+    # Rank 0 takes the directory's lock and prepares it; the others take its outcome. The processes that --nproc
+    # starts write under their launcher's lock.
+    if distributed.is_main() and not os.environ.get(launch.LAUNCHED):
+        try:
+            if not args.resume:
+                check_run_dir(run_dir, args.force)  # refused before anything is written into it
+            lock.acquire()
+            if not args.resume:
                 prepare_run_dir(run_dir, args.force)
-            except ClassAwareError as e:
-                failed = str(e)
-        failed = distributed.broadcast_object(failed)
-        if failed:
-            raise ClassAwareError(failed)
+        except ClassAwareError as e:
+            lock.release()
+            failed = str(e)
+    failed = distributed.broadcast_object(failed)
+    if failed:
+        raise ClassAwareError(failed)
+    if args.resume and not os.environ.get(launch.LAUNCHED):
+        log.info("resuming %s", run_dir)
+    if not args.resume:
         cfg["output_dir"] = str(run_dir)
+    try:
+        return _execute(args, cfg, run_dir, parallel)
+    finally:
+        lock.release()
+
+
+def _execute(args: argparse.Namespace, cfg: dict, run_dir: Path, parallel: bool) -> int:
+    """The run itself, in a prepared and locked run directory; prints the summary."""
+    from ..core import distributed
+    from ..core.validation import ClassAwareError
+    from . import launch
+    from .job import Job
+
     resume = (f"classaware-prune run --resume {run_dir}" + (" --trust-checkpoint" if args.trust_checkpoint else "")
               + (f" --nproc {args.nproc}" if parallel else "")
               + (f" --nproc {os.environ['WORLD_SIZE']}" if os.environ.get(launch.LAUNCHED) else ""))

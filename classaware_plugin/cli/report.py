@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.controller import STOP_REASONS
-from ..export import atomic_write_text
+from ..export import atomic_write, atomic_write_text
 
 
 
@@ -190,7 +190,7 @@ def write_plot(report: dict[str, Any], path: Path) -> None:
                     ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=6,
                             color="white" if cm[i, j] > cm.max() / 2 else "black")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
 
