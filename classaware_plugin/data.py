@@ -10,6 +10,7 @@ FN is measured on enough positives.
 from __future__ import annotations
 
 import gzip
+import inspect
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -23,7 +24,9 @@ import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .core.validation import ClassAwareError, check_choice, check_important_classes, check_int_list, check_number
+from .core.validation import (
+    ClassAwareError, Interval, Options, check_choice, check_important_classes, check_int_list, check_number, check_params,
+)
 from .core.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -326,8 +329,16 @@ DATASETS: dict[str, Callable[..., DataBundle]] = {
 def load_dataset(name: str, **kwargs: Any) -> DataBundle:
     """Load a built-in data set by name (see :data:`DATASETS`); the important classes must exist in it."""
     check_choice("dataset", name, sorted(DATASETS))
-    if "keep_fraction" in kwargs:
-        check_number("keep_fraction", kwargs["keep_fraction"], low=0.0, high=1.0, low_open=True)
+    accepted = inspect.signature(DATASETS[name]).parameters
+    unknown = sorted(set(kwargs) - set(accepted))
+    if unknown:
+        raise ClassAwareError(f"load_dataset({name!r}) got unknown keyword(s) {unknown}; {name} accepts "
+                              f"{sorted(accepted)}.")
+    common = {"keep_fraction": Interval(0.0, 1.0, low_open=True), "seed": Interval(0, integer=True),
+              "image_size": Interval(1, 4096, integer=True, nullable=name != "image_folder"),
+              "channels": Options((1, 3)), "train_limit": Interval(1, integer=True, nullable=True),
+              "val_fraction": Interval(0.0, 1.0, low_open=True, high_open=True)}
+    check_params(common, kwargs)
     if kwargs.get("important"):
         check_int_list("important", kwargs["important"], low=0, high=None)
     bundle = DATASETS[name](**kwargs)

@@ -18,11 +18,13 @@ import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
+from .core.validation import ClassAwareError, run_model
 from .files import load_model
 
 __all__ = ["TEMP_SUFFIX", "atomic_save", "atomic_write", "atomic_write_text", "cpu_copy", "export_onnx", "export_torchscript",
@@ -49,9 +51,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     which raises an ``OSError`` that says so. The file gets the permissions an ordinary ``open(path, "w")`` would
     give it (mkstemp's are owner-only).
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    path = _writable(path)
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    except OSError as e:
+        raise ClassAwareError(f"Cannot write {str(path)!r}: {e.strerror or e}. Choose a writable location.") from None
     os.close(fd)
     try:
         write(tmp)
@@ -66,6 +70,33 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[str], None]) -> 
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _writable(path: str | os.PathLike[str]) -> Path:
+    """``path`` as a Path whose folder exists (created), or a :class:`ClassAwareError` that names it: a directory, or a
+    folder that cannot be created."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ClassAwareError(f"The 'path' parameter must be a file path. Got {type(path).__name__}.")
+    path = Path(path)
+    if path.is_dir():
+        raise ClassAwareError(f"Cannot write {str(path)!r}: it is a directory. Give the path of a file in it.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ClassAwareError(f"Cannot write {str(path)!r}: its folder cannot be created ({e.strerror or e}). Choose a "
+                              "writable location.") from None
+    return path
+
+
+def _check_model(model: Any, example_inputs: Any = None) -> None:
+    """A module (and, given an example, one it can run on) or a :class:`ClassAwareError` naming the parameter."""
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+    if example_inputs is not None:
+        if not isinstance(example_inputs, torch.Tensor):
+            raise ClassAwareError(f"The 'example_inputs' parameter must be a tensor. Got {type(example_inputs).__name__}.")
+        with torch.no_grad():
+            run_model(model.eval(), example_inputs, 1, what="'example_inputs' batch")
 
 
 def _umask() -> int:
@@ -86,6 +117,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 
 def save_model(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """The whole module, written atomically from the CPU (loads on a machine without the GPU it was trained on)."""
+    _check_model(model)
     atomic_save(cpu_copy(model), path)
 
 
@@ -113,10 +145,11 @@ def export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: str | os.P
     from .core.validation import check_choice
 
     check_choice("exporter", exporter, EXPORTERS)
+    _check_model(model)
     model = cpu_copy(model).eval()  # exported from the CPU, where onnxruntime checks it
+    _check_model(model, example_inputs.cpu() if isinstance(example_inputs, torch.Tensor) else example_inputs)
     example_inputs = example_inputs.cpu()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = _writable(path)
     # Written and checked in a temporary folder beside ``path``, then renamed into place: a crash or a full disk
     # leaves the previous export (or none), never a half-written one.
     tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX))
@@ -164,11 +197,11 @@ def _export_onnx(model: nn.Module, example_inputs: torch.Tensor, path: Path, exp
 
 @torch.no_grad()
 def export_torchscript(model: nn.Module, example_inputs: torch.Tensor, path: str | os.PathLike[str]) -> float:
-    """Trace to TorchScript, save, reload, and return max |eager - reloaded|."""
+    """Trace to TorchScript, save (atomically), reload, and return max |eager - reloaded|."""
+    _check_model(model, example_inputs)
     model.eval()
     traced = torch.jit.trace(model, example_inputs)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    traced.save(str(path))
+    path = _writable(path)
+    atomic_write(path, lambda tmp: traced.save(tmp))
     loaded = torch.jit.load(str(path))
     return float((model(example_inputs) - loaded(example_inputs)).abs().max())

@@ -7,6 +7,7 @@ and ``mlp`` for tabular data. A model can also be named ``package.module:callabl
 from __future__ import annotations
 
 import importlib
+import math
 import inspect
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.validation import ClassAwareError, check_number
+from .core.validation import ClassAwareError, Constraint, Interval, check_num_classes, check_number_list, check_params
 
 
 class BasicBlock(nn.Module):
@@ -40,6 +41,7 @@ class CifarResNet(nn.Module):
 
     def __init__(self, num_classes: int, in_channels: int = 3, depth: int = 20, width: int = 16) -> None:
         super().__init__()
+        check_params(MODEL_PARAMETERS["cifar_resnet"], {"depth": depth, "width": width})
         if (depth - 2) % 6 != 0:
             raise ClassAwareError(f"The 'depth' parameter must be 6n+2 (8, 14, 20, 32, 56, ...). Got {depth}.")
         n = (depth - 2) // 6
@@ -81,6 +83,7 @@ def mobilenet_v2(num_classes: int, in_channels: int = 3, width_mult: float = 0.5
     """torchvision MobileNetV2 with a stride-1 stem (for small inputs)."""
     from torchvision.models import mobilenet_v2 as tv_mobilenet_v2
 
+    check_params(MODEL_PARAMETERS["mobilenet_v2"], {"width_mult": width_mult})
     m = tv_mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
     first = m.features[0][0]
     m.features[0][0] = nn.Conv2d(in_channels, first.out_channels, 3, 1, 1, bias=False)
@@ -90,6 +93,10 @@ def mobilenet_v2(num_classes: int, in_channels: int = 3, width_mult: float = 0.5
 class MLP(nn.Module):
     def __init__(self, in_features: int, num_classes: int, hidden: Sequence[int] = (64, 32)) -> None:
         super().__init__()
+        hidden = check_number_list("hidden", hidden, low=1, integer=True)
+        if len(hidden) > 64 or max(hidden) > MAX_WIDTH:
+            raise ClassAwareError(f"The 'hidden' parameter must list at most 64 layer widths of at most {MAX_WIDTH}. "
+                                  f"Got {hidden!r}.")
         dims = [in_features, *hidden]
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:]):
@@ -105,6 +112,16 @@ def mlp(num_classes: int, in_features: int, hidden: Sequence[int] = (64, 32)) ->
     return MLP(in_features, num_classes, hidden)
 
 
+MAX_WIDTH = 65536
+"""The widest layer a built-in model may be asked for (a typo of a few digits must not allocate the machine away)."""
+MODEL_PARAMETERS: dict[str, dict[str, Constraint]] = {
+    "cifar_resnet": {"depth": Interval(8, 1202, integer=True), "width": Interval(1, 4096, integer=True)},
+    "mobilenet_v2": {"width_mult": Interval(0.0, 8.0, low_open=True)},
+}
+"""The declared constraints of the built-in models' keyword arguments (``model.kwargs``)."""
+MAX_INPUT_ELEMENTS = 64 * 1024 * 1024
+"""The largest input (elements per sample) a model is built for."""
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet": cifar_resnet,
     "resnet18": resnet18,
@@ -118,7 +135,16 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int], /, **kw
 
     Image models take ``in_channels = input_shape[0]``; ``mlp`` takes the product of ``input_shape``.
     """
-    check_number("num_classes", num_classes, low=2, integer=True)
+    check_num_classes(num_classes)
+    if not isinstance(name, str):
+        raise ClassAwareError(f"The 'name' parameter must be a model name (str). Got {type(name).__name__}.")
+    input_shape = check_number_list("input_shape", input_shape, low=1, integer=True)
+    if math.prod(input_shape) > MAX_INPUT_ELEMENTS:
+        raise ClassAwareError(f"The 'input_shape' parameter {input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements "
+                              "per sample.")
+    if name in MODELS and name != "mlp" and len(input_shape) != 3:
+        raise ClassAwareError(f"The 'input_shape' parameter must be (channels, height, width) for {name!r}. Got "
+                              f"{input_shape}.")
     if ":" in name:
         mod, _, attr = name.partition(":")
         try:

@@ -139,7 +139,7 @@ def test_refused_inputs_name_the_value():
         ChannelFisher([1], num_classes=3, loss="hinge")
     x = torch.randn(8, 1, 6, 6)
     x[3, 0, 0, 0] = float("nan")
-    with pytest.raises(ClassAwareError, match="batch 1 has NaN or inf in its inputs"):
+    with pytest.raises(ClassAwareError, match="'loader' parameter: Batch 1 has NaN or inf in its inputs"):
         ChannelFisher([1], num_classes=3).collect(TinyNet(), [(x, torch.arange(8) % 3)])
     with pytest.raises(ClassAwareError, match=r"labels outside \[0, 3\): \[3, 4, 5\]"):
         ChannelFisher([1], num_classes=3).collect(TinyNet(), [(torch.randn(8, 1, 6, 6), torch.arange(8) % 6)])

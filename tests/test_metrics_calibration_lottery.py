@@ -130,7 +130,7 @@ def test_training_stops_on_non_finite_loss():
     with pytest.raises(NonFiniteLossError, match="nan"):
         train(model, loader, nn.CrossEntropyLoss(), progress=False)
     nan_inputs = DataLoader(TensorDataset(torch.tensor([[float("nan"), 0.0]] * 4), torch.tensor([0, 1, 0, 1])), batch_size=2)
-    with pytest.raises(ClassAwareError, match="Training step 1 has NaN or inf in its inputs"):
+    with pytest.raises(ClassAwareError, match="'loader' parameter: Batch 1 has NaN or inf in its inputs"):
         train(nn.Linear(2, 2), nan_inputs, nn.CrossEntropyLoss(), progress=False)
 
 

@@ -149,6 +149,10 @@ def validate(cfg: dict[str, Any]) -> None:
         )
     if len(set(ic)) != len(ic):
         raise ClassAwareError(f"The configuration key 'important_classes' must not repeat a class. Got {ic!r}.")
+    for key, value in (("data.path", d["path"]), ("model.checkpoint", cfg["model"]["checkpoint"]),
+                       ("output_dir", cfg["output_dir"])):
+        if value is not None and not isinstance(value, str) or (key == "output_dir" and not value):
+            raise ClassAwareError(f"The configuration key '{key}' must be a path (a string). Got {value!r}.")
     m = cfg["model"]
     if not isinstance(m["name"], str):
         raise ClassAwareError(f"The configuration key 'model.name' must be a string. Got {m['name']!r}.")

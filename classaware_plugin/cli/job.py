@@ -356,7 +356,7 @@ class Job:
     def prune(self, dense: nn.Module, dense_val: Evaluation, bundle: DataBundle, important: list[int],
               dl: dict[str, Any]) -> PruningRun:
         """FN-constrained pruning, checkpointed after every attempt and resumed from the last one."""
-        cfg, c, p = self.cfg, self.cfg["constraint"], self.cfg["pruning"]
+        cfg, p = self.cfg, self.cfg["pruning"]
         state = self._run_state()
         model = state["model"].to(self.device) if state is not None else self._load_model(self.dir / "dense.pt")
         run = PruningRun(model, make_constraint(cfg, important),
@@ -416,7 +416,7 @@ class Job:
                bundle: DataBundle, important: list[int], dl: dict[str, Any], calibration: dict[str, Any] | None,
                exports: dict[str, Any]) -> dict[str, Any]:
         """What report.json holds: dense against pruned on test, the rule and its history, the speed-up."""
-        c, model = self.cfg["constraint"], run.model
+        model = run.model
         val_pred, test_pred = predict(model, dl["val"]), predict(model, dl["test"])
         pruned_val = evaluate_predictions(*val_pred, important, bundle.num_classes)
         pruned_test = evaluate_predictions(*test_pred, important, bundle.num_classes)

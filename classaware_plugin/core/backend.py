@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from .distributed import model_signature
-from .validation import ClassAwareError
+from .validation import ClassAwareError, check_loader
 from .metrics import Evaluation, evaluate, predict
 from .modelstate import restore_module, snapshot_module
 
@@ -104,6 +104,9 @@ class ModelBackend(PruningBackend):
         latency_probe: Callable[[nn.Module], float] | None = None,
         cert_loader: Iterable[Any] | None = None,
     ) -> None:
+        if not isinstance(model, nn.Module):
+            raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+        check_loader("val_loader", val_loader, model)
         self.model = model
         self.val_loader = val_loader
         self.cert_loader = cert_loader  # the certified rule's held-out split: nothing but its test reads it

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .validation import ClassAwareError, check_important_classes
-from .metrics import Evaluation, evaluate_predictions, predict
+from .validation import ClassAwareError, check_important_classes, check_number
+from .metrics import Evaluation, _predictions, evaluate_predictions, predict
 
 
 @dataclass
@@ -46,6 +46,12 @@ def find_logit_shifts(
     For one class the answer is exact: the k-th smallest margin a missed positive needs, k = FN - target.
     With several classes each is solved with the others fixed, repeated until nothing changes.
     """
+    y, logits = _predictions("y and logits", (y, logits))
+    if not isinstance(target_fn, Mapping):
+        raise ClassAwareError(f"The 'target_fn' parameter must map classes to FN counts. Got {type(target_fn).__name__}.")
+    for c, target in target_fn.items():
+        check_number("target_fn class", c, low=0, high=logits.shape[1] - 1, integer=True)
+        check_number("target_fn", target, low=0, integer=True)
     shifts = {c: 0.0 for c in target_fn}
     for _ in range(max_rounds):
         changed = False
@@ -97,11 +103,14 @@ def calibrate(
     important = check_important_classes(important_classes, None)
     if (target_fn is None) == (shifts is None):
         raise ClassAwareError("Give calibrate() exactly one of 'target_fn' (FN to reach) and 'shifts' (shifts to fold).")
-    given = target_fn if target_fn is not None else shifts
-    missing = [c for c in important if c not in given]  # type: ignore[operator]
+    name, given = ("target_fn", target_fn) if target_fn is not None else ("shifts", shifts)
+    if not isinstance(given, Mapping):
+        raise ClassAwareError(f"The '{name}' parameter must map each important class to a value. Got {given!r}.")
+    missing = [c for c in important if c not in given]
     if missing:
-        name = "target_fn" if target_fn is not None else "shifts"
         raise ClassAwareError(f"The '{name}' parameter has no entry for important classes {missing}.")
+    for c in important:
+        check_number(name, given[c], low=0, integer=name == "target_fn")
     y, logits = predict(model, loader)
     before = evaluate_predictions(y, logits, important)
     if shifts is not None:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .statistics import BucketStatistics, bucket_masks
+from .validation import run_model
 
 PRODUCERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d,
@@ -68,7 +69,7 @@ def find_gates(model: nn.Module, example: torch.Tensor) -> tuple[list[tuple[str,
     model.eval()
     try:
         with torch.no_grad():
-            model(example)
+            run_model(model, example, 1, what="calibration batch")
     finally:
         model.train(was)
         for h in handles:

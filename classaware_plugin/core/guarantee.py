@@ -35,8 +35,8 @@ from scipy import stats
 from .calibration import find_logit_shifts
 from .metrics import Evaluation, evaluate_predictions
 from .validation import (
-    ClassAwareError, Constraint, Interval, Options, PerClass, check_class_keys, check_important_classes, check_number,
-    check_params,
+    ClassAwareError, Constraint, Interval, Options, PerClass, check_class_keys, check_important_classes, check_loader,
+    check_number, check_params,
 )
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def fn_rate_upper_bound(fn: int, positives: int, delta: float) -> float:
     """
     check_number("positives", positives, low=0, integer=True)
     check_number("fn", fn, low=0, high=positives, integer=True)
-    check_number("delta", delta, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_number("delta", delta, low=0.0, high=0.5, low_open=True)
     if fn >= positives:
         return 1.0
     return float(stats.beta.ppf(1.0 - delta, fn + 1, positives - fn))
@@ -71,7 +71,7 @@ def positives_needed(max_fn_rate: float, delta: float) -> int:
         22
     """
     check_number("max_fn_rate", max_fn_rate, low=0.0, high=1.0, low_open=True)
-    check_number("delta", delta, low=0.0, high=1.0, low_open=True, high_open=True)
+    check_number("delta", delta, low=0.0, high=0.5, low_open=True)
     if max_fn_rate >= 1.0:
         return 0
     n = math.ceil(math.log(delta) / math.log1p(-max_fn_rate) - 1e-9)
@@ -179,7 +179,8 @@ class FNGuarantee:
     PARAMETERS: ClassVar[dict[str, Constraint]] = {
         "max_fn_rate": PerClass(Interval(0.0, 1.0, low_open=True), nullable=True),
         "tolerance": Interval(0.0, 1.0, nullable=True),
-        "delta": Interval(0.0, 1.0, low_open=True, high_open=True),
+        # a risk level above one half would make the "upper" bound a lower one (below the observed rate)
+        "delta": Interval(0.0, 0.5, low_open=True),
         "max_accuracy_drop": Interval(0.0, 1.0, nullable=True),
         "operating_point": Options(("argmax", "calibrated")),
     }
@@ -207,13 +208,23 @@ class FNGuarantee:
         """Each class's budget from the dense model's selection-split FN (``dense_fn`` of ``dense_positives``) and
         the certification split's positives. Raises :class:`ClassAwareError`, before any work, when a class cannot be
         certified at all (naming the positives it needs)."""
+        for name, counts in (("dense_fn", dense_fn), ("dense_positives", dense_positives),
+                             ("cert_positives", cert_positives)):
+            if not isinstance(counts, Mapping):
+                raise ClassAwareError(f"The '{name}' parameter must map each important class to a count. Got "
+                                      f"{type(counts).__name__}.")
+            for c in self.important_classes:
+                check_number(name, counts.get(c), low=0, integer=True)
         out = {}
         for c in self.important_classes:
             n_sel, n_cert, k_dense = int(dense_positives[c]), int(cert_positives[c]), int(dense_fn[c])
+            if k_dense > n_sel:
+                raise ClassAwareError(f"The 'dense_fn' parameter gives class {c} {k_dense} misses of {n_sel} "
+                                      "'dense_positives': more misses than cases.")
             if n_sel == 0 or n_cert == 0:
                 raise ClassAwareError(
-                    f"Important class {c} has {n_sel} positives in the selection split and {n_cert} in the "
-                    "certification split; both need some. Give a larger validation split.")
+                    f"Important class {c} has {n_sel} positives in the selection split ('dense_positives') and {n_cert} "
+                    "in the certification split ('cert_positives'); both need some. Give a larger validation split.")
             dense_rate = k_dense / n_sel
             if self.max_fn_rate is not None:
                 rate = float(self.max_fn_rate[c] if isinstance(self.max_fn_rate, Mapping) else self.max_fn_rate)
@@ -244,6 +255,10 @@ class FNGuarantee:
 
     def _budget(self, c: int, rate: float, derived: str, n_sel: int, n_cert: int) -> ClassBudget:
         d = self.class_delta
+        if rate <= 0.0:
+            raise ClassAwareError(
+                f"Important class {c}: a budget of 0 ({derived}) cannot be certified from any finite number of "
+                "positives. Give a tolerance or max_fn_rate above 0.")
         max_count = largest_certified_count(n_cert, rate, d)
         if max_count < 0:
             need = positives_needed(rate, d)
@@ -363,6 +378,7 @@ def split_for_certification(loader: Any, fraction: float = 0.5, seed: int = 0) -
 
     from ..data import labels_of
 
+    check_loader("loader", loader)
     if not isinstance(loader, DataLoader):
         raise ClassAwareError(
             f"The certified rule cuts the validation loader's data set in two, which needs a torch DataLoader; got a "

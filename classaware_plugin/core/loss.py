@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .validation import (
-    ClassAwareError, Constraint, Interval, check_choice, check_important_classes, check_number, check_params,
+    ClassAwareError, Constraint, Interval, check_choice, check_important_classes, check_labels, check_number,
+    check_num_classes, check_number_list, check_params,
 )
 
 WEIGHT_SCHEMES = ("balanced", "inverse", "none")
@@ -38,9 +39,8 @@ def make_class_weights(
     [0.2, 1.8]
     """
     check_choice("scheme", scheme, WEIGHT_SCHEMES)
-    counts = torch.as_tensor(list(class_counts), dtype=torch.float64)
-    if counts.ndim != 1 or counts.numel() < 2:
-        raise ClassAwareError(f"The 'class_counts' parameter must list at least 2 counts. Got {list(class_counts)!r}.")
+    counts = torch.as_tensor(check_number_list("class_counts", class_counts, integer=True, min_len=2),
+                             dtype=torch.float64)
     if (counts <= 0).any():
         raise ClassAwareError(
             f"The 'class_counts' parameter must hold positive counts (a class with no training sample "
@@ -138,6 +138,10 @@ class ClassDependentLoss(nn.Module):
         super().__init__()
         check_params(self.PARAMETERS, {"rank_weight": rank_weight, "margin": margin,
                                        "logit_adjustment": logit_adjustment, "rank_max_fpr": rank_max_fpr})
+        if class_counts is not None:
+            class_counts = check_number_list("class_counts", class_counts, integer=True, min_len=2)
+        if num_classes is not None:
+            check_num_classes(num_classes)
         if logit_adjustment and class_counts is None:
             raise ClassAwareError(
                 f"The 'class_counts' parameter is required by logit_adjustment={logit_adjustment!r} (the adjustment "
@@ -158,12 +162,12 @@ class ClassDependentLoss(nn.Module):
                     )
                 weights = make_class_weights(class_counts, class_weights, beta)
         else:
-            weights = torch.as_tensor(list(class_weights), dtype=torch.float32)
-            if weights.ndim != 1 or weights.numel() < 2 or not torch.isfinite(weights).all() or (weights < 0).any():
-                raise ClassAwareError(
-                    f"The 'class_weights' parameter must be 'balanced', 'inverse', 'none' or one non-negative "
-                    f"finite weight per class. Got {list(class_weights)!r}."
-                )
+            try:
+                values = check_number_list("class_weights", class_weights, min_len=2)
+            except ClassAwareError as e:
+                raise ClassAwareError(f"{e} It must be 'balanced', 'inverse', 'none' or one non-negative finite weight "
+                                      "per class.") from None
+            weights = torch.as_tensor(values, dtype=torch.float32)
         n = weights.numel()
         for other, label in ((num_classes, "num_classes"), (None if class_counts is None else len(class_counts), "class_counts")):
             if other is not None and other != n:
@@ -191,10 +195,12 @@ class ClassDependentLoss(nn.Module):
         self.logit_offset = offset.float()  # not a buffer: the loss's state_dict stays as it was
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.ndim != 2 or logits.shape[1] != self.num_classes:
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or logits.shape[1] != self.num_classes:
             raise ClassAwareError(
-                f"The model output must have shape (batch, {self.num_classes}). Got {tuple(logits.shape)}."
+                f"The 'logits' (model output) must have shape (batch, {self.num_classes}). Got "
+                f"{tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}."
             )
+        check_labels("target", target, len(logits), self.num_classes)
         weight = None if self.warmup else self.weight.to(logits.device, logits.dtype)
         adjusted = logits + self.logit_offset.to(logits.device, logits.dtype) if self.logit_adjustment else logits
         loss = F.cross_entropy(adjusted, target, weight=weight)

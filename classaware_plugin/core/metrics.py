@@ -13,7 +13,9 @@ from sklearn.metrics import accuracy_score, average_precision_score, confusion_m
 from torch import nn
 
 from . import distributed
-from .validation import ClassAwareError, check_batch, check_important_classes, check_non_empty_loader, check_number, run_model
+from .validation import (
+    ClassAwareError, check_batch, check_important_classes, check_loader, check_num_classes, check_number, run_model,
+)
 
 
 @dataclass
@@ -75,20 +77,24 @@ def evaluate_predictions(
     The prediction is ``argmax(scores)``; AUC and AP of an important class use its softmax
     probability one-vs-rest and are NaN when the split has no positive or no negative of that class.
     """
-    y = np.asarray(y_true).astype(int)
-    s = np.asarray(scores, dtype=np.float64)
-    if s.ndim != 2 or len(y) != s.shape[0]:
-        raise ClassAwareError(f"Scores must have shape (n, classes) with n = {len(y)} labels. Got {s.shape}.")
-    k = s.shape[1] if num_classes is None else int(num_classes)
+    y, s = _as_array("y_true", y_true, 1), _as_array("scores", scores, 2)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ClassAwareError(f"The 'y_true' parameter must hold integer class indices. Got dtype {y.dtype}.")
+    if len(y) != s.shape[0]:
+        raise ClassAwareError(f"The 'scores' parameter must have one row per label of 'y_true' ({len(y)}). Got shape "
+                              f"{s.shape}.")
+    k = s.shape[1] if num_classes is None else check_num_classes(num_classes)
     if s.shape[1] != k:
-        raise ClassAwareError(f"The model output width {s.shape[1]} does not match num_classes={k}.")
+        raise ClassAwareError(f"The 'scores' parameter has {s.shape[1]} columns, but num_classes={k}.")
     important = check_important_classes(important_classes, k)
     if len(y) == 0:
-        raise ClassAwareError("Cannot evaluate an empty split.")
+        raise ClassAwareError("The 'y_true' parameter is empty: there is nothing to evaluate.")
     if y.min() < 0 or y.max() >= k:
-        raise ClassAwareError(f"Labels must lie in [0, {k}) for a {k}-class model. Got {sorted(set(y[(y < 0) | (y >= k)].tolist()))[:5]}.")
+        raise ClassAwareError(f"The 'y_true' parameter holds labels outside [0, {k}) for a {k}-class model: "
+                              f"{sorted(set(y[(y < 0) | (y >= k)].tolist()))[:5]}.")
     if not np.isfinite(s).all():
-        raise ClassAwareError("The model's outputs hold NaN or inf; no metric can be computed from them.")
+        raise ClassAwareError("The 'scores' parameter (the model's outputs) holds NaN or inf; no metric can be computed "
+                              "from them.")
     labels = list(range(k))
     pred = s.argmax(1)
     cm = confusion_matrix(y, pred, labels=labels)
@@ -115,6 +121,33 @@ def evaluate_predictions(
         confusion=cm,
         important_classes=important,
     )
+
+
+def _predictions(name: str, value: Any) -> tuple[np.ndarray, np.ndarray]:
+    """``(labels, logits)`` as :func:`predict` gives them, checked: one row of logits per label."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ClassAwareError(f"The '{name}' parameter must be (labels, logits) as predict() returns them. Got "
+                              f"{type(value).__name__}.")
+    y, z = _as_array(name, value[0], 1), _as_array(name, value[1], 2)
+    if len(y) != len(z) or not np.issubdtype(y.dtype, np.integer) or not np.isfinite(z).all():
+        raise ClassAwareError(f"The '{name}' parameter must be (labels, logits): integer labels and one finite row of "
+                              f"logits per label. Got {y.dtype} labels of shape {y.shape}, logits of shape {z.shape}.")
+    return y, z
+
+
+def _as_array(name: str, value: Any, ndim: int) -> np.ndarray:
+    """``value`` as a numeric numpy array of ``ndim`` dimensions (a tensor is moved to the CPU), or an error naming
+    the parameter."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    try:
+        a = np.asarray(value)
+    except (TypeError, ValueError) as e:
+        raise ClassAwareError(f"The '{name}' parameter must be a {ndim}-D array of numbers: {e}") from None
+    if a.ndim != ndim or not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
+        raise ClassAwareError(f"The '{name}' parameter must be a {ndim}-D array of numbers. Got dtype {a.dtype}, shape "
+                              f"{a.shape}.")
+    return a.astype(np.float64) if ndim == 2 else a
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
@@ -162,7 +195,8 @@ def fn_at_fpr(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nda
         0
     """
     check_number("target_fpr", target_fpr, low=0.0, high=1.0)
-    (yv, zv), (yt, zt) = val, test
+    (yv, zv), (yt, zt) = (_predictions(name, p) for name, p in (("val", val), ("test", test)))
+    check_number("c", c, low=0, high=zv.shape[1] - 1, integer=True)
     pos_v = yv == c
     if pos_v.all() or not pos_v.any():
         raise ClassAwareError(f"The validation split needs positives and negatives of class {c} to choose a threshold.")
@@ -180,7 +214,9 @@ def fn_at_fpr(val: tuple[np.ndarray, np.ndarray], test: tuple[np.ndarray, np.nda
 def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
     """Labels and logits over a loader, in eval mode (the model's mode is restored after). Under torch.distributed,
     those of every rank's loader (each rank passing its share, :func:`~.distributed.shard_loader`)."""
-    check_non_empty_loader("loader", loader)
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+    check_loader("loader", loader, model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

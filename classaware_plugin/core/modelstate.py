@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from .validation import ClassAwareError, check_batch, check_non_empty_loader, run_model
+
 
 def snapshot_module(model: nn.Module) -> nn.Module:
     """A deep copy: weights, buffers, channel counts and every module attribute."""
@@ -28,13 +30,23 @@ def restore_module(model: nn.Module, snapshot: nn.Module) -> None:
 
 
 def infer_num_classes(model: nn.Module, batches: Iterable[Any]) -> int:
-    """The model's output width, from one forward of two samples of the first batch (on the model's device)."""
-    x = next(iter(batches))[0]
+    """The model's output width, from one forward of two samples of the first batch (on the model's device). An empty
+    loader, a batch that is not ``(inputs, labels)`` and inputs the model cannot take are refused by name."""
+    check_non_empty_loader("loader", batches)
+    first = next(iter(batches), None)
+    if first is None:
+        raise ClassAwareError("The 'loader' parameter must yield at least one batch. Got an empty loader.")
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise ClassAwareError(f"Calibration batch 1 must be (inputs, labels). Got a {type(first).__name__}.")
+    check_batch(1, first[0], first[1], what="calibration batch")
     was = model.training
     model.eval()
     try:
         with torch.no_grad():
-            out = model(x[:2].to(next(model.parameters()).device))
+            out = run_model(model, first[0][:2].to(next(model.parameters()).device), 1, what="calibration batch")
     finally:
         model.train(was)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ClassAwareError(f"The model must return logits of shape (batch, classes). Got "
+                              f"{tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__}.")
     return int(out.shape[1])

@@ -79,6 +79,7 @@ def make_score(name: str, important_classes: Sequence[int] = (), num_classes: in
     """Build a registered score by name, e.g. ``make_score('fisher', important_classes=[3], num_classes=10)``.
 
     Options the score does not have are refused (see :func:`score_options`)."""
+    check_choice("name", name, available_scores())
     cls = score_class(name)
     opts = score_options(name, **options)
     if cls.needs_data:

@@ -30,7 +30,7 @@ from torch import nn
 
 from .validation import (
     ClassAwareError, Constraint, Interval, Options, PerClass, check_batch, check_class_keys, check_important_classes,
-    check_non_empty_loader, check_number, check_params, run_model,
+    check_loader, check_num_classes, check_number, check_params, run_model,
 )
 from . import distributed
 from .progress import progress_bar
@@ -118,7 +118,7 @@ class BucketStatistics:
     """
 
     def __init__(self, important_classes: Sequence[int], num_classes: int, loss: str = "ce") -> None:
-        check_number("num_classes", num_classes, low=2, integer=True)
+        check_num_classes(num_classes)
         self.important_classes = check_important_classes(important_classes, num_classes)
         if len(self.important_classes) >= int(num_classes):
             raise ClassAwareError(
@@ -154,7 +154,9 @@ class BucketStatistics:
         The model is put in eval mode for the pass (BatchNorm statistics are not touched, samples are independent)
         and restored to its previous mode after; ``.grad`` of the parameters is left untouched.
         """
-        check_non_empty_loader("loader", loader)
+        if not isinstance(model, nn.Module):
+            raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+        check_loader("loader", loader, model, self.num_classes)
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
         self.reset()

@@ -14,7 +14,7 @@ from torch import nn
 
 from . import distributed, memory_format
 from .validation import (
-    ClassAwareError, Constraint, Interval, Options, check_batch, check_non_empty_loader, check_params,
+    ClassAwareError, Constraint, Interval, Options, check_batch, check_loader, check_params, run_model,
 )
 from .controller import NonFiniteLossError
 from .lottery import MaskSet
@@ -84,7 +84,7 @@ class EarlyStopping:
     PARAMETERS: dict[str, Constraint] = {"patience": Interval(1, integer=True), "min_delta": Interval(0.0)}
 
     def __init__(self, loader: Iterable[Any], patience: int = 2, min_delta: float = 0.0) -> None:
-        check_non_empty_loader("loader", loader)
+        check_loader("loader", loader)
         check_params(self.PARAMETERS, {"patience": patience, "min_delta": min_delta})
         self.loader, self.patience, self.min_delta = loader, int(patience), float(min_delta)
         self.losses: list[float] = []
@@ -137,6 +137,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int)
         1
     """
     check_params({"batches": Interval(1, integer=True)}, {"batches": batches})
+    check_loader("loader", loader, model)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -164,6 +165,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
                     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> float:
     """The mean of ``loss_fn`` over ``loader``'s batches, weighted by batch size, in eval mode (the mode is restored);
     under torch.distributed, over every rank's loader."""
+    check_loader("loader", loader, model)
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -230,8 +232,12 @@ def train(
 
     Raises :class:`NonFiniteLossError` on the first NaN or infinite loss, before the optimiser applies it.
     """
-    check_non_empty_loader("loader", loader)
     check_params(TRAIN_PARAMETERS, {"epochs": epochs, "lr": lr, "schedule": schedule})
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise ClassAwareError(f"The 'loss_fn' parameter must be callable (logits, labels) -> loss. Got {loss_fn!r}.")
+    check_loader("loader", loader, model)
     opt = make_optimizer(model, optimizer, lr, weight_decay)
     if masks is not None:
         masks.apply()
@@ -291,7 +297,9 @@ def train(
                 check_batch(done + 1, x, y, what="training step")
                 x, y = fmt(x.to(device)), y.to(device)
                 opt.zero_grad(set_to_none=True)
-                out = net(x)
+                out = run_model(net, x, done + 1, what="training step")
+                if isinstance(out, torch.Tensor) and out.ndim == 2:
+                    check_batch(done + 1, x, y, out.shape[1], what="training step")  # labels within the outputs
                 loss = loss_fn(out, y)
                 if distillation is not None:
                     loss = distillation(loss, out, x)

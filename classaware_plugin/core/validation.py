@@ -25,7 +25,10 @@ def check_int_list(name: str, values: Any, *, low: int, high: int | None, min_le
         values = [values]
     if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
         raise ClassAwareError(f"The '{name}' parameter must be a list of integers. Got {_fmt(values)} instead.")
-    out = list(values)
+    try:
+        out = list(values)
+    except TypeError:  # an iterable type that cannot iterate this value (a 0-d tensor)
+        raise ClassAwareError(f"The '{name}' parameter must be a list of integers. Got {_fmt(values)} instead.") from None
     if len(out) < min_len:
         raise ClassAwareError(f"The '{name}' parameter must hold at least {min_len} value(s). Got {_fmt(out)} instead.")
     for v in out:
@@ -41,8 +44,40 @@ def check_int_list(name: str, values: Any, *, low: int, high: int | None, min_le
     return [int(v) for v in out]
 
 
+def check_number_list(name: str, values: Any, *, low: float = 0.0, integer: bool = False, min_len: int = 1) -> list:
+    """Validate a list (or 1-D tensor or array) of finite numbers ``>= low`` with at least ``min_len`` entries."""
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):
+        if getattr(values, "ndim", 1) != 1:
+            raise ClassAwareError(f"The '{name}' parameter must be a 1-D list of numbers. Got an array of shape "
+                                  f"{tuple(values.shape)}.")
+        values = values.tolist()
+    if isinstance(values, (str, bytes, Mapping)) or not isinstance(values, Iterable):
+        raise ClassAwareError(f"The '{name}' parameter must be a list of numbers. Got {_fmt(values)} instead.")
+    out = list(values)
+    if len(out) < min_len:
+        raise ClassAwareError(f"The '{name}' parameter must list at least {min_len} numbers. Got {_fmt(out)}.")
+    kind = "integers" if integer else "numbers"
+    for v in out:
+        ok = isinstance(v, int) if integer else isinstance(v, (int, float))
+        if isinstance(v, bool) or not ok or not math.isfinite(v) or v < low:
+            raise ClassAwareError(f"The '{name}' parameter must hold finite {kind} >= {low:g}. Got {_fmt(v)} in "
+                                  f"{_fmt(out)}.")
+    return out
+
+
+MAX_CLASSES = 1_000_000
+"""The most classes a model may have here (per-class statistics and metrics are dense over the classes)."""
+
+
+def check_num_classes(value: Any, name: str = "num_classes") -> int:
+    """A number of classes: an integer in ``[2, MAX_CLASSES]``."""
+    return int(check_number(name, value, low=2, high=MAX_CLASSES, integer=True))
+
+
 def check_important_classes(values: Any, num_classes: int | None) -> list[int]:
     """Validate ``important_classes`` against the number of classes (when known)."""
+    if num_classes is not None:
+        check_num_classes(num_classes)
     return check_int_list("important_classes", values, low=0, high=num_classes)
 
 
@@ -178,6 +213,53 @@ def check_non_empty_loader(name: str, loader: Any) -> None:
         raise ClassAwareError(f"The '{name}' parameter must yield at least one batch. Got an empty loader.")
 
 
+def check_loader(name: str, loader: Any, model: Any = None, num_classes: int | None = None) -> None:
+    """Refuse, before any work, a loader that yields nothing, whose first batch is not ``(inputs, labels)`` tensors
+    with integer labels (in ``[0, num_classes)``, or the model's output width when a ``model`` is given), or whose
+    inputs the model cannot take. The message names the parameter. Peeking at the first batch leaves the loader's
+    shuffling (its generator, or torch's global one) where it was."""
+    import torch
+
+    if loader is None or isinstance(loader, (str, bytes)):
+        raise ClassAwareError(f"The '{name}' parameter must be a loader of (inputs, labels) batches. Got {loader!r}.")
+    check_non_empty_loader(name, loader)
+    generator = getattr(loader, "generator", None)
+    states = (torch.get_rng_state(), generator.get_state() if isinstance(generator, torch.Generator) else None)
+    try:
+        first = next(iter(loader), None)
+    except TypeError:
+        raise ClassAwareError(f"The '{name}' parameter must be an iterable of (inputs, labels) batches. Got "
+                              f"{type(loader).__name__}.") from None
+    finally:
+        torch.set_rng_state(states[0])
+        if states[1] is not None:
+            generator.set_state(states[1])
+    if first is None:
+        raise ClassAwareError(f"The '{name}' parameter must yield at least one batch. Got an empty loader.")
+    if not isinstance(first, (tuple, list)) or len(first) < 2:
+        raise ClassAwareError(f"The '{name}' parameter must yield (inputs, labels) batches. Its first batch is a "
+                              f"{type(first).__name__}.")
+    x, y = first[0], first[1]
+    try:
+        check_batch(1, x, y, num_classes)
+    except ClassAwareError as e:
+        raise ClassAwareError(f"The '{name}' parameter: {e}") from None
+    if model is None:
+        return
+    was_training = getattr(model, "training", False)
+    model.eval()
+    try:
+        with torch.no_grad():
+            device = next(model.parameters()).device
+            out = run_model(model, x[:2].to(device), 1, what=f"'{name}' batch")
+    finally:
+        model.train(was_training)
+    if isinstance(out, torch.Tensor) and out.ndim == 2 and num_classes is None and y.numel() and (
+            int(y.min()) < 0 or int(y.max()) >= out.shape[1]):
+        raise ClassAwareError(f"The '{name}' parameter holds labels outside [0, {out.shape[1]}) for a model with "
+                              f"{out.shape[1]} outputs: {sorted(set(y[(y < 0) | (y >= out.shape[1])].tolist()))[:5]}.")
+
+
 def check_batch(index: int, inputs: Any, targets: Any, num_classes: int | None = None, what: str = "batch") -> None:
     """Refuse a batch whose labels are not integer class indices (float, one-hot, out of range) or whose inputs hold
     NaN/inf, naming the batch (1-based) and the offending value."""
@@ -188,23 +270,36 @@ def check_batch(index: int, inputs: Any, targets: Any, num_classes: int | None =
         raise ClassAwareError(
             f"{where} must be (inputs, labels) tensors. Got ({type(inputs).__name__}, {type(targets).__name__})."
         )
-    if targets.ndim != 1 or targets.shape[0] != inputs.shape[0]:
+    if inputs.ndim == 0:
+        raise ClassAwareError(f"{where} has 0-dimensional inputs; expected a batch (batch, ...).")
+    _check_labels(where, "has labels", targets, inputs.shape[0], num_classes)
+    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
+        raise ClassAwareError(f"{where} has NaN or inf in its inputs; clean the data (no score or metric is computed).")
+
+
+def _check_labels(where: str, verb: str, targets: Any, n: int, num_classes: int | None) -> None:
+    import torch
+
+    if not isinstance(targets, torch.Tensor):
+        raise ClassAwareError(f"{where} must be a tensor of class indices. Got {type(targets).__name__}.")
+    if targets.ndim != 1 or targets.shape[0] != n:
         raise ClassAwareError(
-            f"{where} has labels of shape {tuple(targets.shape)} for {inputs.shape[0]} inputs; expected "
-            f"({inputs.shape[0]},) class indices (one-hot labels: use y.argmax(1))."
+            f"{where} {verb} of shape {tuple(targets.shape)} for {n} inputs; expected ({n},) class indices "
+            "(one-hot labels: use y.argmax(1))."
         )
     if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
         raise ClassAwareError(
-            f"{where} has labels of dtype {targets.dtype} (float labels would be truncated); expected integer class "
+            f"{where} {verb} of dtype {targets.dtype} (float labels would be truncated); expected integer class "
             "indices (torch.long)."
         )
     if num_classes is not None and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
         bad = targets[(targets < 0) | (targets >= num_classes)]
-        raise ClassAwareError(
-            f"{where} has labels outside [0, {num_classes}): {sorted(set(bad.tolist()))[:5]}."
-        )
-    if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
-        raise ClassAwareError(f"{where} has NaN or inf in its inputs; clean the data (no score or metric is computed).")
+        raise ClassAwareError(f"{where} {verb} outside [0, {num_classes}): {sorted(set(bad.tolist()))[:5]}.")
+
+
+def check_labels(name: str, targets: Any, n: int, num_classes: int | None = None) -> None:
+    """Refuse labels that are not ``n`` integer class indices in ``[0, num_classes)``, naming the parameter."""
+    _check_labels(f"The '{name}' parameter", "holds labels", targets, n, num_classes)
 
 
 def run_model(model: Any, inputs: Any, index: int, what: str = "batch") -> Any:

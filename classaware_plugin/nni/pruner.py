@@ -17,7 +17,7 @@ from torch import nn
 
 from ..core.modelstate import infer_num_classes
 from ..core.scores import DEFAULT_SCORE, Score, make_score, score_class, validate_score
-from ..core.validation import ClassAwareError, check_important_classes, check_number
+from ..core.validation import ClassAwareError, check_important_classes, check_loader, check_number
 from ..speed import ROUND_TO_CONSTRAINT
 from ._compat import apply as _apply_compat
 from ._compat import silenced
@@ -104,6 +104,10 @@ class ClassAwarePruner(TaylorPruner):
                                   "use 'fisher'.")
         if evaluator is None and calib_loader is None:
             raise ClassAwareError("ClassAwarePruner needs an 'evaluator' (NNI's flow) or a 'calib_loader'.")
+        if not isinstance(model, nn.Module):
+            raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+        if calib_loader is not None and batch_to_xy is default_batch_to_xy:  # a custom batch layout is the user's
+            check_loader("calib_loader", calib_loader, model, num_classes)
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
         ROUND_TO_CONSTRAINT.check("round_to", round_to)

@@ -81,12 +81,20 @@ def get_pruner_class(name: str) -> type:
 def load_config_file(config: str | Path | dict[str, Any]) -> dict[str, Any]:
     if isinstance(config, dict):
         raw = config
+    elif not isinstance(config, (str, Path)):
+        raise ClassAwareError(f"The 'config' parameter must be a file path or a mapping. Got {type(config).__name__}.")
     else:
         path = Path(config)
         if not path.is_file():
             raise ClassAwareError(f"The pruner config file {str(path)!r} does not exist.")
-        text = path.read_text()
-        raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        try:
+            text = path.read_text()
+            raw = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as e:
+            raise ClassAwareError(f"The pruner config file {str(path)!r} is not valid "
+                                  f"{'JSON' if path.suffix == '.json' else 'YAML'}: {' '.join(str(e).split())}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ClassAwareError(f"Cannot read the pruner config file {str(path)!r}: {e}") from None
     if not isinstance(raw, dict):
         raise ClassAwareError("A pruner config must be a mapping with 'pruner' and 'configList'.")
     cfg = normalize_keys(raw)

@@ -17,7 +17,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function
 
-from ..core.validation import ClassAwareError, check_important_classes, check_number
+from ..core.validation import ClassAwareError, check_important_classes, check_loader, check_number
 from ..core.channels import ChannelScores
 from ..core.modelstate import infer_num_classes
 from ..core.scores import DEFAULT_SCORE, Score, make_score, reduce_to_channels, score_class, validate_score
@@ -83,6 +83,10 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
             )
         if max_batches is not None:
             check_number("max_batches", max_batches, low=1, integer=True)
+        if model is not None:
+            if not isinstance(model, nn.Module):
+                raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+            check_loader("dataloader", dataloader, model, num_classes)
         self.score_kwargs = validate_score(score, check_important_classes(important_classes, num_classes), num_classes,
                                            omega=omega, rest_weight=rest_weight, weighting=weighting, loss=loss,
                                            normalization=normalization)
@@ -113,6 +117,8 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
 
     def collect(self, model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> ClassAwareImportance:
         """Gather class-dependent statistics on ``loader``; call before each ``pruner.step()`` (explicit mode)."""
+        if not isinstance(model, nn.Module):
+            raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
         if self.score is None:
             n = infer_num_classes(model, loader)
             check_important_classes(self.important_classes, n)

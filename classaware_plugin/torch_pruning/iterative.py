@@ -16,7 +16,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..core.validation import ClassAwareError, check_important_classes, check_number
+from ..core.validation import ClassAwareError, Interval, check_important_classes, check_loader, check_number
 from ..core.calibration import last_linear
 from ..core.channels import rounded_channels
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
@@ -39,11 +39,22 @@ class RoundingMetaPruner(tp.pruner.MetaPruner):
     """TP's MetaPruner whose ``round_to`` rounds the kept channel count to the *nearest* multiple
     (:func:`~classaware_plugin.core.channels.rounded_channels`; ``round_down=True``: the multiple below, never
     below one block). TP's own rounds down and may round a layer to zero channels; rounding down makes any step,
-    however small, take a whole block from every layer it touches: 16 -> 8 for a 2% step."""
+    however small, take a whole block from every layer it touches: 16 -> 8 for a 2% step.
+
+    Where TP would silently do nothing or remove everything, it refuses: a ``pruning_ratio`` (or a value of
+    ``pruning_ratio_dict``) outside [0, 1), or a model in which every prunable layer is ignored."""
 
     def __init__(self, *args: Any, round_down: bool = False, **kwargs: Any) -> None:
         self.round_down = round_down
+        ratio = Interval(0.0, 1.0, high_open=True)
+        ratio.check("pruning_ratio", kwargs.get("pruning_ratio", args[4] if len(args) > 4 else 0.5))
+        for value in (kwargs.get("pruning_ratio_dict") or {}).values():
+            ratio.check("pruning_ratio_dict", value)
         super().__init__(*args, **kwargs)
+        if next(iter(self.DG.get_all_groups(ignored_layers=self.ignored_layers,
+                                            root_module_types=self.root_module_types)), None) is None:
+            raise ClassAwareError("Nothing to prune: every layer Torch-Pruning could prune is in 'ignored_layers' (or the "
+                                  "model has no convolution or linear layer besides them).")
 
     def _round_to(self, n_pruned: int, current_channels: int, round_to: int) -> int:
         kept = rounded_channels(current_channels, current_channels - n_pruned, round_to, down=self.round_down)
@@ -113,6 +124,11 @@ class TorchPruningBackend(ModelBackend):
         self.global_pruning = global_pruning
         self.pruner_factory = pruner_factory
         self.round_to = round_to
+        for name, loader in (("calib_loader", self.calib_loader), ("cert_loader", cert_loader)):
+            if loader is not None:
+                check_loader(name, loader, model)
+        if pruner_factory is None:
+            self._make_pruner(0.1)  # a model with nothing to prune is refused here, before any work
 
     # ----------------------------------------------------------------- backend interface
     def _make_pruner(self, ratio: float, fallback: bool = False) -> Any:
@@ -182,6 +198,7 @@ class TorchPruningBackend(ModelBackend):
 
 def accumulate_gradients(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> None:
     """``loss.backward()`` over calibration batches (for TP's built-in gradient-based estimators)."""
+    check_loader("loader", loader, model)
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()
@@ -237,6 +254,11 @@ def prune_with_fn_constraint(
         >>> result.stop_reason, [r.decision for r in result.history]                                     # doctest: +SKIP
     """
     important = check_important_classes(important_classes, None)
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
+    for name, loader in (("train_loader", train_loader), ("val_loader", val_loader), ("cert_loader", cert_loader)):
+        if loader is not None or name != "cert_loader":
+            check_loader(name, loader, model)
     if (target_macs_reduction is None) == (target_params is None):
         raise ClassAwareError("Give exactly one of 'target_macs_reduction' and 'target_params'.")
     if target_macs_reduction is not None:
