@@ -9,11 +9,12 @@ FN is measured on enough positives.
 """
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import inspect
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,9 @@ def load_fashion_mnist(
     )
 
 
+IMAGE_SIZE = Interval(4, 512, integer=True)
+"""The side in pixels images may be resized to (``image_size``)."""
+
 CACHE_LIMIT_BYTES = 2 * 1024**3
 """Decoded images are kept in memory (as uint8) when they take at most this much; above it they are decoded from
 disk at every epoch."""
@@ -318,30 +322,55 @@ def load_image_folder(
     )
 
 
-DATASETS: dict[str, Callable[..., DataBundle]] = {
-    "digits": load_digits,
-    "breast_cancer": load_breast_cancer,
-    "fashion_mnist": load_fashion_mnist,
-    "image_folder": load_image_folder,
-}
+@dataclass(frozen=True)
+class DatasetEntry:
+    """A registered data set: its loader and the ``data`` configuration keys it takes (key -> loader keyword)."""
+
+    loader: Callable[..., DataBundle]
+    config: Mapping[str, str]
+    description: str
+
+
+DATASETS: dict[str, DatasetEntry] = {}
+"""The data sets ``load_dataset`` and the CLI's ``data.name`` know, by name (:func:`register_dataset`)."""
+
+
+def register_dataset(name: str, loader: Callable[..., DataBundle], config: Mapping[str, str] | None = None,
+                     description: str = "") -> None:
+    """Make ``loader`` (``loader(important=, keep_fraction=, seed=, **kw) -> DataBundle``) available as ``name`` to
+    :func:`load_dataset` and as ``data.name`` to the CLI. ``config`` maps the ``data`` configuration keys it reads to
+    its keywords (e.g. ``{"path": "root"}``). A name registered twice is replaced, with a warning (as timm does)."""
+    if name in DATASETS:
+        log.warning("data set %r registered again: the new loader replaces %r", name, DATASETS[name].loader)
+    DATASETS[name] = DatasetEntry(loader, dict(config or {}), description)
+
+
+register_dataset("digits", load_digits, {"image_size": "image_size", "channels": "channels"},
+                 "scikit-learn's 1,797 8x8 handwritten digits (embedded; image_size resizes them)")
+register_dataset("breast_cancer", load_breast_cancer, {},
+                 "scikit-learn's 569 tumours, 30 features; class 0 = malignant (embedded)")
+register_dataset("fashion_mnist", load_fashion_mnist, {"path": "root", "train_limit": "train_limit"},
+                 "Fashion-MNIST from path (IDX files), the Debian package's folder, else downloaded")
+register_dataset("image_folder", load_image_folder, {"path": "root", "image_size": "image_size"},
+                 "any torchvision ImageFolder at path (one sub-folder per class), split 60/20/20")
 
 
 def load_dataset(name: str, **kwargs: Any) -> DataBundle:
     """Load a built-in data set by name (see :data:`DATASETS`); the important classes must exist in it."""
     check_choice("dataset", name, sorted(DATASETS))
-    accepted = inspect.signature(DATASETS[name]).parameters
+    accepted = inspect.signature(DATASETS[name].loader).parameters
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise ClassAwareError(f"load_dataset({name!r}) got unknown keyword(s) {unknown}; {name} accepts "
                               f"{sorted(accepted)}.")
     common = {"keep_fraction": Interval(0.0, 1.0, low_open=True), "seed": Interval(0, integer=True),
-              "image_size": Interval(1, 4096, integer=True, nullable=name != "image_folder"),
+              "image_size": IMAGE_SIZE if name == "image_folder" else dataclasses.replace(IMAGE_SIZE, nullable=True),
               "channels": Options((1, 3)), "train_limit": Interval(1, integer=True, nullable=True),
               "val_fraction": Interval(0.0, 1.0, low_open=True, high_open=True)}
     check_params(common, kwargs)
     if kwargs.get("important"):
         check_int_list("important", kwargs["important"], low=0, high=None)
-    bundle = DATASETS[name](**kwargs)
+    bundle = DATASETS[name].loader(**kwargs)
     if kwargs.get("important"):
         check_int_list("important", kwargs["important"], low=0, high=bundle.num_classes)
     return bundle

@@ -184,7 +184,7 @@ def test_config_default_prints_a_valid_commented_configuration(capsys):
         ("device=cuda:9", "'cuda:9' does not exist on this machine"),
         ("training.logit_adjustment=-1", "'training.logit_adjustment'"),
         ("training.rank_max_fpr=0", "'training.rank_max_fpr'"),
-        ("training.sync_batchnorm=2", "'training.sync_batchnorm' must be true or false. Got 2"),
+        ("training.sync_batchnorm=2", "'training.sync_batchnorm' configuration key must be true or false. Got 2"),
         ("device=cpu training.sync_batchnorm=true", "training.sync_batchnorm=true needs CUDA"),
     ],
 )

@@ -16,8 +16,8 @@ from ..core.distributed import resolve_device
 from ..core.loss import WEIGHT_SCHEMES, ClassDependentLoss
 from ..core.scores import available_scores, score_class, score_options, validate_score
 from ..core.training import TRAIN_PARAMETERS, Distillation, EarlyStopping
-from ..core.validation import ClassAwareError, Constraint, check_choice, check_class_keys, check_number
-from ..data import DATASETS
+from ..core.validation import ClassAwareError, Constraint, InstanceOf, Interval, Options, check_class_keys
+from ..data import DATASETS, IMAGE_SIZE
 from ..speed import ROUND_TO_CONSTRAINT, LatencyProbe
 
 BACKENDS = tuple(FRAMEWORKS)  # the structured backends; unstructured pruning is plain PyTorch
@@ -28,32 +28,115 @@ def _nullable(c: Constraint) -> Constraint:
     return dataclasses.replace(c, nullable=True)
 
 
-FROM_LIBRARY: dict[str, Constraint] = {
+class ClassList:
+    """``important_classes``: a non-empty list of distinct class indices or names (resolved against the data set)."""
+
+    nullable = False
+
+    def check(self, name: str, value: Any, what: str = "configuration key") -> Any:
+        if not isinstance(value, list) or not value or not all(
+                isinstance(c, (int, str)) and not isinstance(c, bool) for c in value):
+            raise ClassAwareError(f"The {what} '{name}' must be a non-empty list of class indices or names. Got {value!r}.")
+        if len(set(value)) != len(value):
+            raise ClassAwareError(f"The {what} '{name}' must not repeat a class. Got {value!r}.")
+        return value
+
+    def describe(self) -> str:
+        return "a non-empty list of class indices or names, e.g. `[3]` or `[Shirt]`"
+
+
+class Device:
+    """``device``: where the job runs (checked by resolving it)."""
+
+    nullable = False
+
+    def check(self, name: str, value: Any, what: str = "configuration key") -> Any:
+        try:
+            return resolve_device(value)
+        except ClassAwareError as e:
+            raise ClassAwareError(f"The {what} '{name}': {e}") from None
+
+    def describe(self) -> str:
+        return "`auto`, `cpu`, `cuda` or `cuda:N`"
+
+
+class ScoreOption:
+    """An option of the chosen score (``pruning.omega``, ...): checked by the score itself in :func:`validate`
+    (each score declares its own), described here by every score that has it."""
+
+    nullable = True
+
+    def __init__(self, option: str) -> None:
+        self.option = option
+
+    def check(self, name: str, value: Any, what: str = "configuration key") -> Any:
+        return value
+
+    def describe(self) -> str:
+        by_score = [f"{n}: {score_class(n).PARAMETERS[self.option].describe()}" for n in available_scores()
+                    if self.option in score_class(n).PARAMETERS]
+        return "; ".join(by_score) + "; null = the score's default"
+
+
+KEYS: dict[str, Constraint] = {
+    "seed": Interval(0, integer=True),
+    "output_dir": InstanceOf((str,)),
+    "device": Device(),
+    "data.name": Options(tuple(sorted(DATASETS))),
+    "data.path": InstanceOf((str,), nullable=True),
+    "data.image_size": _nullable(IMAGE_SIZE),
+    "data.channels": Options((1, 3)),
+    "data.keep_fraction": Interval(0.0, 1.0, low_open=True),
+    "data.train_limit": Interval(100, integer=True, nullable=True),
+    "data.batch_size": Interval(1, integer=True),
+    "important_classes": ClassList(),
+    "model.name": InstanceOf((str,)),
+    "model.checkpoint": InstanceOf((str,), nullable=True),
+    "model.kwargs": InstanceOf((dict,)),
     "training.epochs": TRAIN_PARAMETERS["epochs"], "training.lr": TRAIN_PARAMETERS["lr"],
     "training.optimizer": TRAIN_PARAMETERS["optimizer"], "training.schedule": TRAIN_PARAMETERS["schedule"],
-    "training.patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "training.class_weights": Options(WEIGHT_SCHEMES),
     "training.rank_weight": ClassDependentLoss.PARAMETERS["rank_weight"],
-    "training.logit_adjustment": ClassDependentLoss.PARAMETERS["logit_adjustment"],
     "training.rank_max_fpr": ClassDependentLoss.PARAMETERS["rank_max_fpr"],
+    "training.logit_adjustment": ClassDependentLoss.PARAMETERS["logit_adjustment"],
+    "training.warmup_epochs": Interval(0, integer=True),
+    "training.patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
+    "training.sync_batchnorm": InstanceOf((bool,)),
+    "pruning.backend": Options(BACKENDS),
+    "pruning.granularity": Options(GRANULARITIES),
+    "pruning.score": Options(tuple(available_scores())),
+    **{f"pruning.{k}": ScoreOption(k) for k in ("omega", "rest_weight", "weighting", "loss", "normalization")},
+    "pruning.target_macs_reduction": Interval(1.0, low_open=True),
+    "pruning.target_latency_reduction": Interval(1.0, low_open=True, nullable=True),
+    "pruning.latency_runtime": LatencyProbe.PARAMETERS["runtime"],
+    "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],
+    "pruning.target_sparsity": Interval(0.0, 1.0, low_open=True, high_open=True),
+    "pruning.round_to": ROUND_TO_CONSTRAINT,
     "pruning.step": FNConstrainedPruning.PARAMETERS["step"],
     "pruning.max_halvings": FNConstrainedPruning.PARAMETERS["max_halvings"],
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
-    "pruning.finetune_epochs": TRAIN_PARAMETERS["epochs"], "pruning.lr": TRAIN_PARAMETERS["lr"],
+    "pruning.finetune_epochs": TRAIN_PARAMETERS["epochs"],
     "pruning.finetune_patience": _nullable(EarlyStopping.PARAMETERS["patience"]),
     "pruning.finetune_schedule": TRAIN_PARAMETERS["schedule"],
+    "pruning.bn_batches": Interval(0, integer=True),
     "pruning.distill": Distillation.PARAMETERS["weight"],
     "pruning.distill_temperature": Distillation.PARAMETERS["temperature"],
-    "pruning.round_to": ROUND_TO_CONSTRAINT,
-    "pruning.latency_runtime": LatencyProbe.PARAMETERS["runtime"],
-    "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],
-    "constraint.abs_tol": FNConstraint.PARAMETERS["abs_tol"], "constraint.rel_tol": FNConstraint.PARAMETERS["rel_tol"],
+    "pruning.lr": TRAIN_PARAMETERS["lr"],
+    "pruning.calib_batches": Interval(1, integer=True),
+    "constraint.rule": Options(("certified", "count")),
     "constraint.max_fn_rate": FNGuarantee.PARAMETERS["max_fn_rate"],
-    "constraint.tolerance": FNGuarantee.PARAMETERS["tolerance"], "constraint.delta": FNGuarantee.PARAMETERS["delta"],
+    "constraint.tolerance": FNGuarantee.PARAMETERS["tolerance"],
+    "constraint.delta": FNGuarantee.PARAMETERS["delta"],
+    "constraint.certification_fraction": Interval(0.0, 1.0, low_open=True, high_open=True),
+    "constraint.abs_tol": FNConstraint.PARAMETERS["abs_tol"], "constraint.rel_tol": FNConstraint.PARAMETERS["rel_tol"],
     "constraint.max_accuracy_drop": FNConstraint.PARAMETERS["max_accuracy_drop"],
     "constraint.operating_point": _nullable(FNConstraint.PARAMETERS["operating_point"]),
+    "calibration": InstanceOf((bool,)),
+    "export.onnx": InstanceOf((bool,)),
 }
-"""Configuration keys whose value goes to a library parameter: checked by that parameter's declared constraint
-(the rule lives once, in the library), the message naming the key."""
+"""Every configuration key and what it may hold: the checks of :func:`validate` and the configuration reference
+(docs) come from here, and where a value goes to a library parameter its constraint is that parameter's own, so the
+rule lives once. (Which combinations are allowed is checked after, in :func:`validate`.)"""
 
 
 def default_text() -> str:
@@ -116,71 +199,33 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return cfg
 
 
-def _num(name: str, value: Any, **kw: Any) -> None:
-    check_number(name, value, what="configuration key", **kw)
-
-
-def _choice(name: str, value: Any, choices: Any) -> None:
-    check_choice(name, value, list(choices), what="configuration key")
+def _value(cfg: dict[str, Any], key: str) -> Any:
+    section, _, name = key.rpartition(".")
+    return cfg[section][name] if section else cfg[name]
 
 
 def validate(cfg: dict[str, Any]) -> None:
-    """Check every value; the message names the key, what is allowed and what was given."""
-    _num("seed", cfg["seed"], low=0, integer=True)
-    try:
-        device = resolve_device(cfg["device"])
-    except ClassAwareError as e:
-        raise ClassAwareError(f"The configuration key 'device': {e}") from None
-    d = cfg["data"]
-    _choice("data.name", d["name"], sorted(DATASETS))
+    """Check every value against :data:`KEYS`, then the combinations; the message names the key, what is allowed and
+    what was given."""
+    for key, constraint in KEYS.items():
+        constraint.check(key, _value(cfg, key), what="configuration key")
+    d, m, t, p, c = cfg["data"], cfg["model"], cfg["training"], cfg["pruning"], cfg["constraint"]
     if d["name"] == "image_folder" and not d["path"]:
         raise ClassAwareError("The configuration key 'data.path' must name the ImageFolder root for data.name=image_folder.")
-    if d["image_size"] is not None:
-        _num("data.image_size", d["image_size"], low=4, high=512, integer=True)
-    _choice("data.channels", d["channels"], [1, 3])
-    _num("data.keep_fraction", d["keep_fraction"], low=0.0, high=1.0, low_open=True)
-    if d["train_limit"] is not None:
-        _num("data.train_limit", d["train_limit"], low=100, integer=True)
-    _num("data.batch_size", d["batch_size"], low=1, integer=True)
-    ic = cfg["important_classes"]
-    if not isinstance(ic, list) or not ic or not all(isinstance(c, (int, str)) and not isinstance(c, bool) for c in ic):
-        raise ClassAwareError(
-            f"The configuration key 'important_classes' must be a non-empty list of class indices or names. Got {ic!r}."
-        )
-    if len(set(ic)) != len(ic):
-        raise ClassAwareError(f"The configuration key 'important_classes' must not repeat a class. Got {ic!r}.")
-    for key, value in (("data.path", d["path"]), ("model.checkpoint", cfg["model"]["checkpoint"]),
-                       ("output_dir", cfg["output_dir"])):
-        if value is not None and not isinstance(value, str) or (key == "output_dir" and not value):
-            raise ClassAwareError(f"The configuration key '{key}' must be a path (a string). Got {value!r}.")
-    m = cfg["model"]
-    if not isinstance(m["name"], str):
-        raise ClassAwareError(f"The configuration key 'model.name' must be a string. Got {m['name']!r}.")
     if m["checkpoint"] is not None and not Path(m["checkpoint"]).is_file():
         raise ClassAwareError(f"The configuration key 'model.checkpoint' names {m['checkpoint']!r}, which does not exist.")
-    if not isinstance(m["kwargs"], dict):
-        raise ClassAwareError(f"The configuration key 'model.kwargs' must be a mapping. Got {m['kwargs']!r}.")
-    t = cfg["training"]
-    _choice("training.class_weights", t["class_weights"], WEIGHT_SCHEMES)
-    _num("training.warmup_epochs", t["warmup_epochs"], low=0, integer=True)
-    if not isinstance(t["sync_batchnorm"], bool):
-        raise ClassAwareError(f"The configuration key 'training.sync_batchnorm' must be true or false. Got {t['sync_batchnorm']!r}.")
-    if t["sync_batchnorm"] and device.type != "cuda":
+    if t["sync_batchnorm"] and resolve_device(cfg["device"]).type != "cuda":
         raise ClassAwareError(f"training.sync_batchnorm=true needs CUDA (torch.nn.SyncBatchNorm runs on GPUs only); "
-                              f"device {cfg['device']!r} is {device}. Set training.sync_batchnorm: false.")
-    p = cfg["pruning"]
-    _choice("pruning.backend", p["backend"], BACKENDS)
-    _choice("pruning.granularity", p["granularity"], GRANULARITIES)
+                              f"device {cfg['device']!r} is not. Set training.sync_batchnorm: false.")
     if p["granularity"] == "structured":
         try:
             require_framework(p["backend"])
         except ClassAwareError as e:
             raise ClassAwareError(f"pruning.backend={p['backend']}: {e}") from None
-    _choice("pruning.score", p["score"], available_scores())
     needs_rewind = score_class(p["score"]).needs_rewind
     if p["backend"] == "nni" and needs_rewind and p["granularity"] == "structured":
         raise ClassAwareError(f"pruning.score={p['score']} is not available with pruning.backend=nni; use fisher.")
-    if needs_rewind and cfg["model"]["checkpoint"]:
+    if needs_rewind and m["checkpoint"]:
         raise ClassAwareError(
             f"pruning.score={p['score']} needs the initial weights, so it cannot start from model.checkpoint."
         )
@@ -188,32 +233,17 @@ def validate(cfg: dict[str, Any]) -> None:
         validate_score(p["score"], **{k: p.get(k) for k in SCORE_OPTIONS})
     except ClassAwareError as e:
         raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
-    _num("pruning.target_macs_reduction", p["target_macs_reduction"], low=1.0, low_open=True)
-    if p["target_latency_reduction"] is not None:
-        _num("pruning.target_latency_reduction", p["target_latency_reduction"], low=1.0, low_open=True)
-        if p["granularity"] != "structured":
-            raise ClassAwareError(
-                f"pruning.target_latency_reduction={p['target_latency_reduction']} needs pruning.granularity: "
-                "structured (zeroed weights do not run faster); use pruning.target_sparsity for unstructured pruning."
-            )
-    _num("pruning.target_sparsity", p["target_sparsity"], low=0.0, high=1.0, low_open=True, high_open=True)
-    _num("pruning.calib_batches", p["calib_batches"], low=1, integer=True)
-    _num("pruning.bn_batches", p["bn_batches"], low=0, integer=True)
-    c = cfg["constraint"]
-    if not isinstance(cfg["calibration"], bool):
-        raise ClassAwareError(f"The configuration key 'calibration' must be true or false. Got {cfg['calibration']!r}.")
-    for key, constraint in FROM_LIBRARY.items():
-        section, _, name = key.partition(".")
-        constraint.check(key, cfg[section][name], what="configuration key")
+    if p["target_latency_reduction"] is not None and p["granularity"] != "structured":
+        raise ClassAwareError(
+            f"pruning.target_latency_reduction={p['target_latency_reduction']} needs pruning.granularity: "
+            "structured (zeroed weights do not run faster); use pruning.target_sparsity for unstructured pruning."
+        )
     if c["operating_point"] == "calibrated" and not cfg["calibration"]:
         raise ClassAwareError(
             "constraint.operating_point=calibrated judges every step after the logit shift that calibration folds into "
             "the model at the end; with calibration: false the model would keep its uncalibrated decisions. Set "
             "constraint.operating_point: argmax, or calibration: true."
         )
-    _choice("constraint.rule", c["rule"], RULES)
-    _num("constraint.certification_fraction", c["certification_fraction"], low=0.0, high=1.0, low_open=True,
-         high_open=True)
     other_rule = "count" if c["rule"] == "certified" else "certified"
     stray = [k for k in RULE_KEYS[other_rule] if c[k] != defaults()["constraint"][k]]
     if stray:
@@ -222,7 +252,7 @@ def validate(cfg: dict[str, Any]) -> None:
             f"{c['rule']!r}. Set constraint.rule: {other_rule} (the count rule reproduces the results of "
             "configurations written before the certified rule), or remove the key.")
     if isinstance(c["max_fn_rate"], dict):
-        check_class_keys("constraint.max_fn_rate", c["max_fn_rate"], ic)
+        check_class_keys("constraint.max_fn_rate", c["max_fn_rate"], cfg["important_classes"])
     if c["max_fn_rate"] is not None and c["tolerance"] is not None:
         raise ClassAwareError("Give constraint.max_fn_rate (a stated budget) or constraint.tolerance (dense FN rate + "
                               f"tolerance), not both. Got {c['max_fn_rate']!r} and {c['tolerance']!r}.")
@@ -231,11 +261,8 @@ def validate(cfg: dict[str, Any]) -> None:
             "constraint.rule=certified certifies each model as it is judged; with operating_point=argmax the final "
             "calibration would then fold an uncertified shift into it. Set constraint.operating_point: calibrated "
             "(or null: the shift is chosen on the selection split and certified with the step), or calibration: false.")
-    if not isinstance(cfg["export"]["onnx"], bool):
-        raise ClassAwareError(f"The configuration key 'export.onnx' must be true or false. Got {cfg['export']['onnx']!r}.")
 
 
-RULES = ("certified", "count")
 RULE_KEYS = {"certified": ("max_fn_rate", "tolerance", "delta", "certification_fraction"), "count": ("abs_tol", "rel_tol")}
 """The 'constraint' keys that only one rule reads (a value other than the default under the other rule is refused)."""
 

@@ -31,7 +31,7 @@ from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from ..core.training import Distillation, EarlyStopping, recalibrate_batchnorm, train
 from ..backends import create_backend
-from ..data import DataBundle, labels_of, load_dataset
+from ..data import DATASETS, DataBundle, labels_of, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
 from ..models import build_model, check_output_width
@@ -54,12 +54,8 @@ def load_data(cfg: dict[str, Any]) -> tuple[DataBundle, list[int]]:
     d = cfg["data"]
     name = d["name"]
     kw: dict[str, Any] = {"seed": cfg["seed"], "keep_fraction": d["keep_fraction"]}
-    if name == "digits":
-        kw.update(image_size=d["image_size"], channels=d["channels"])
-    elif name == "fashion_mnist":
-        kw.update(root=d["path"], train_limit=d["train_limit"])
-    elif name == "image_folder":
-        kw.update(root=d["path"], image_size=d["image_size"] or 64)
+    # the configuration keys the data set's loader reads (null: the loader's own default)
+    kw.update({arg: d[key] for key, arg in DATASETS[name].config.items() if d[key] is not None})
     # Names are resolved against the data set's class names, which need the data set: load once without rarity.
     given = cfg["important_classes"]
     probe = load_dataset(name, **{**kw, "keep_fraction": 1.0, "important": []}) if any(

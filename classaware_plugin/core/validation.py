@@ -16,7 +16,8 @@ class ClassAwareError(ValueError):
 
 
 def _fmt(value: Any) -> str:
-    return repr(value)
+    text = repr(value)
+    return text if len(text) <= 120 else f"{text[:100]}... ({type(value).__name__})"
 
 
 def check_int_list(name: str, values: Any, *, low: int, high: int | None, min_len: int = 1) -> list[int]:
@@ -135,6 +136,12 @@ class Interval:
         return check_number(name, value, low=self.low, high=self.high, low_open=self.low_open,
                             high_open=self.high_open, integer=self.integer, what=what)
 
+    def describe(self) -> str:
+        """What is allowed, in words (the configuration reference prints it)."""
+        lo, hi = "(" if self.low_open else "[", ")" if self.high_open else "]"
+        rng = f"{lo}{'-inf' if self.low is None else _num_text(self.low)}, {'inf' if self.high is None else _num_text(self.high)}{hi}"
+        return f"{'integer' if self.integer else 'number'} in {rng}{_or_null(self)}"
+
 
 @dataclass(frozen=True)
 class Options:
@@ -147,6 +154,9 @@ class Options:
         if value is None and self.nullable:
             return None
         return check_choice(name, value, self.choices, what=what)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(str(c) for c in self.choices) + _or_null(self)
 
 
 @dataclass(frozen=True)
@@ -165,6 +175,9 @@ class PerClass:
                 self.each.check(name, v, what)
             return value
         return self.each.check(name, value, what)
+
+    def describe(self) -> str:
+        return f"{self.each.describe()}, or {{class: value}}{_or_null(self)}"
 
 
 def check_class_keys(name: str, value: Any, important_classes: Sequence[int]) -> None:
@@ -186,8 +199,19 @@ class InstanceOf:
     def check(self, name: str, value: Any, what: str = "parameter") -> Any:
         if (value is None and self.nullable) or isinstance(value, self.types):
             return value
-        allowed = " or ".join(t.__name__ for t in self.types)
-        raise ClassAwareError(f"The '{name}' {what} must be a {allowed}. Got {type(value).__name__} instead.")
+        raise ClassAwareError(f"The '{name}' {what} must be {self.describe()}. Got {_fmt(value)} instead.")
+
+    def describe(self) -> str:
+        names = {"bool": "true or false", "str": "text", "dict": "a mapping", "list": "a list"}
+        return " or ".join(names.get(t.__name__, t.__name__) for t in self.types) + _or_null(self)
+
+
+def _or_null(c: Any) -> str:
+    return ", or null" if c.nullable else ""
+
+
+def _num_text(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
 
 
 Constraint = Interval | Options | PerClass | InstanceOf
