@@ -69,7 +69,14 @@ DATA: dict[str, dict[str, Any]] = {
 COMMON = ["pruning.target_macs_reduction=4.0", "export.onnx=false"]
 SEEDS = tuple(range(10))
 SWEEP_LEVELS = (1.5, 2.0, 2.5, 3.0, 4.0)
-RULES = ("certified", "count")
+RULES = {
+    "certified": ["constraint.rule=certified"],
+    "count": ["constraint.rule=count"],
+    # the certified rule without the BatchNorm re-estimation after fine-tuning (the default before issue 31's item 4):
+    # what steadier steps change in attempts, time and compression
+    "certified_no_bn": ["constraint.rule=certified", "pruning.bn_batches=0"],
+}
+"""The job runs of every data set and seed: rule name -> the --set overrides that make it."""
 SWEEPS = ("tp_taylor", "nni_l1")
 
 
@@ -96,14 +103,14 @@ def _fn_rate(report_part: dict[str, Any], c: int) -> float:
 
 def run_rule(name: str, seed: int, rule: str) -> dict[str, Any]:
     """The CLI job under ``rule`` on the seed's dense model; one row."""
-    cfg = config(name, seed, [f"constraint.rule={rule}", f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    cfg = config(name, seed, [*RULES[rule], f"model.checkpoint={dense_checkpoint(name, seed)}"])
     run_dir = prepare_run_dir(CACHE / f"{name}_{seed}" / rule, force=True)
     t, cpu = time.time(), time.process_time()
     report = Job(cfg, run_dir, progress=False).run()
     seconds, cpu = time.time() - t, time.process_time() - cpu
     c = report["constraint"]["important_classes"][0]
     con = report["constraint"]
-    if rule == "certified":
+    if con["rule"] == "certified":
         g = con["guarantee"].get(str(c))
         budget = con["budgets"][str(c)]["max_fn_rate"]
         upper = g["upper_bound"] if g else None
@@ -244,6 +251,7 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
             "certified": sum(r["certified"] for r in rs),
             "median_compression": float(np.median([r["compression"] for r in rs])),
             "median_cpu_seconds": float(np.median([r["cpu_seconds"] for r in rs])),
+            "median_attempts": float(np.median([r["attempts"] for r in rs])) if all("attempts" in r for r in rs) else None,
             "mean_budget": float(np.mean([r["budget"] for r in rs])),
             "mean_test_fn_rate": float(np.mean([r["test_fn_rate"] for r in rs])),
             "mean_accuracy": float(np.mean([r["accuracy"] for r in rs])),
@@ -253,21 +261,71 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 def table(summary: dict[str, Any]) -> str:
     lines = ["| data / rule | runs | test FN rate > budget (95% CI) | more test FN than dense | certified | "
-             "mean budget | mean test FN rate | median compression | median CPU s | accuracy |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "mean budget | mean test FN rate | median compression | median CPU s | median attempts | accuracy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, s in summary.items():
+        attempts = "-" if s["median_attempts"] is None else f"{s['median_attempts']:.0f}"
         lines.append(
             f"| {key} | {s['runs']} | {s['violations']} ({100 * s['violation_share']:.0f}%, "
             f"{100 * s['ci_low']:.0f}-{100 * s['ci_high']:.0f}%) | {s['more_fn_than_dense']} | {s['certified']} | "
             f"{s['mean_budget']:.3f} | {s['mean_test_fn_rate']:.3f} | {s['median_compression']:.2f} | "
-            f"{s['median_cpu_seconds']:.0f} | {100 * s['mean_accuracy']:.1f}% |")
+            f"{s['median_cpu_seconds']:.0f} | {attempts} | {100 * s['mean_accuracy']:.1f}% |")
     return "\n".join(lines) + "\n"
+
+
+LABELS = {"certified": "certified rule (ours)", "count": "count rule (before)",
+          "certified_no_bn": "certified, no BatchNorm re-estimation", "tp_taylor_sweep": "TP Taylor sweep, certified",
+          "nni_l1_sweep": "NNI L1 sweep, certified"}
+
+
+def plot(summary: dict[str, Any], path: Path) -> None:
+    """Left: the share of runs whose test FN rate exceeds the stated budget, with its 95% interval, per data set and
+    rule (the dotted line is delta). Right: the median compression each reached."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from classaware_plugin.export import atomic_write
+
+    datas = [d for d in [*DATA, "all"] if any(k.startswith(f"{d}/") for k in summary)]
+    rules = [r for r in LABELS if any(k.endswith(f"/{r}") for k in summary)]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.2))
+    width = 0.8 / max(len(rules), 1)
+    for i, rule in enumerate(rules):
+        xs, share, err = [], [], [[], []]
+        for j, d in enumerate(datas):
+            s = summary.get(f"{d}/{rule}")
+            if s is None:
+                continue
+            xs.append(j + (i - (len(rules) - 1) / 2) * width)
+            share.append(s["violation_share"])
+            err[0].append(s["violation_share"] - s["ci_low"])
+            err[1].append(s["ci_high"] - s["violation_share"])
+        left.bar(xs, share, width, yerr=err, capsize=3, label=LABELS[rule])
+        # compression per data set only ("all" would mix MACs reductions with sparsities)
+        comp = [(j + (i - (len(rules) - 1) / 2) * width, summary[f"{d}/{rule}"]["median_compression"])
+                for j, d in enumerate(datas) if d != "all" and f"{d}/{rule}" in summary]
+        right.bar([x for x, _ in comp], [c for _, c in comp], width, label=LABELS[rule])
+    left.axhline(0.1, color="k", ls=":", label="delta = 0.1")
+    for ax, title, ylabel, names in (
+            (left, "How often the test FN rate exceeds the stated budget", "share of runs (95% CI)", datas),
+            (right, "Compression reached (median; cancer: sparsity)", "MACs reduction or sparsity",
+             [d for d in datas if d != "all"])):
+        ax.set_xticks(range(len(names)), names)
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+    left.legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
 
 
 def write(out: Path, rows: list[dict[str, Any]]) -> None:
     summary = summarize(rows)
     atomic_write_text(out / "guarantee.json", json.dumps({"rows": rows, "summary": summary}, indent=1))
     atomic_write_text(out / "guarantee.md", table(summary))
+    plot(summary, out / "guarantee.png")
 
 
 def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...]) -> None:

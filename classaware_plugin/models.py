@@ -122,6 +122,14 @@ MODEL_PARAMETERS: dict[str, dict[str, Constraint]] = {
 MAX_INPUT_ELEMENTS = 64 * 1024 * 1024
 """The largest input (elements per sample) a model is built for."""
 
+MODEL_DESCRIPTIONS: dict[str, str] = {
+    "cifar_resnet": "ResNet-(6n+2) for small images (He et al.); kwargs depth (8, 14, 20, ...), width",
+    "resnet18": "torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (8-64 px inputs)",
+    "mobilenet_v2": "torchvision MobileNetV2 with a stride-1 stem; kwargs width_mult",
+    "mlp": "a multi-layer perceptron on flattened inputs (tables); kwargs hidden (layer widths)",
+}
+"""What each built-in model is (the configuration reference prints it)."""
+
 MODELS: dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet": cifar_resnet,
     "resnet18": resnet18,

@@ -102,7 +102,10 @@ class ChannelFisher(BucketStatistics):
     """Per-bucket sums of squared per-sample channel-gate values ``s_{n,k}^2`` (see the module docstring).
 
     Args:
-        important_classes, num_classes, loss: as for :class:`~classaware_plugin.core.statistics.BucketStatistics`.
+        important_classes: the important classes (each its own bucket; the other classes share one).
+        num_classes: the model's output width.
+        loss: the per-sample loss the gates are differentiated through (``'ce'`` or ``'margin'``), as for
+            :class:`~classaware_plugin.core.statistics.BucketStatistics`.
 
     Example:
         >>> stats = ChannelFisher(important_classes=[3], num_classes=10)

@@ -15,10 +15,13 @@ _apply()
 from .config import normalize_keys, prepare_config_list, validate_config_list  # noqa: E402
 from .io import load_masks, save_masks, speedup  # noqa: E402
 from .pruner import ClassAwarePruner, plain_masks  # noqa: E402
-from .registry import available_pruners, get_pruner_class, pruner_from_config, register_pruner  # noqa: E402
+from .registry import (  # noqa: E402
+    available_pruners, get_pruner_class, load_config_file, pruner_from_config, register_pruner,
+)
 
 __all__ = [
-    "ClassAwarePruner", "available_pruners", "bake_masks", "get_pruner_class", "load_masks", "normalize_keys",
+    "ClassAwarePruner", "available_pruners", "bake_masks", "get_pruner_class", "load_config_file", "load_masks",
+    "normalize_keys",
     "plain_masks", "prepare_config_list", "pruner_from_config", "register_pruner", "save_masks", "speedup",
     "validate_config_list",
 ]

@@ -48,17 +48,24 @@ class ClassAwarePruner(TaylorPruner):
     """Class-dependent pruning for NNI.
 
     Args:
-        model, config_list, evaluator, training_steps: as for NNI's ``TaylorPruner``. ``config_list`` accepts
-            camelCase keys and is checked; ``granularity`` 'default' (or absent) is element-wise (unstructured),
-            'out_channel' prunes filters. It is checked (unknown op types/names, ``sparse_ratio`` outside (0, 1), global mode
-            with ``max_sparse_ratio``); for ``granularity='out_channel'`` residual dependency groups and
-            BatchNorm alignment are added automatically.
+        model: the model to prune, as for NNI's ``TaylorPruner``.
+        config_list: as for NNI; camelCase keys accepted. ``granularity`` 'default' (or absent) is element-wise
+            (unstructured), 'out_channel' prunes filters. It is checked (unknown op types/names, ``sparse_ratio``
+            outside (0, 1), global mode with ``max_sparse_ratio``); for ``granularity='out_channel'`` residual
+            dependency groups and BatchNorm alignment are added automatically.
+        evaluator: NNI's evaluator (its training loss is patched to capture batches), or None with ``calib_loader``.
+        training_steps: how many training batches the evaluator's loop feeds the statistics.
         important_classes: classes whose false negatives must be kept.
         score: ``'fisher'`` (class-conditional Fisher, default), ``'taylor_signed'``, ``'magnitude'``. With
             ``granularity='out_channel'`` the Fisher score measures each filter's output channel after its BatchNorm;
             element-wise it scores weights by ``(w * g)^2`` per bucket.
-        omega, rest_weight, weighting, loss, normalization: the score's own options (``None``: its default; an option
-            the score does not have is refused).
+        omega: the score's weight of each important class (``None``: its default). This and the options below are
+            the score's own: an option the score does not have is refused.
+        rest_weight: the score's weight of the other classes.
+        weighting: Fisher: ``'balanced'`` or ``'count'``.
+        loss: Fisher: ``'ce'`` or ``'margin'``.
+        normalization: ``taylor_signed``: ``'none'`` or ``'mean'``.
+        num_classes: the model's output width (inferred from one batch when omitted).
         calib_loader: batches for the statistics when no evaluator is given.
         max_batches: at most this many batches feed the statistics.
         batch_to_xy: how to read (inputs, labels) from a training batch.

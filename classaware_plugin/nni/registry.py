@@ -79,6 +79,8 @@ def get_pruner_class(name: str) -> type:
 
 
 def load_config_file(config: str | Path | dict[str, Any]) -> dict[str, Any]:
+    """A pruner config (YAML or JSON file, or a mapping) with its keys in snake_case: ``pruner`` (``class_name``,
+    ``class_args``) and ``config_list``; refused, naming the file and the key, when it is not one."""
     if isinstance(config, dict):
         raw = config
     elif not isinstance(config, (str, Path)):
@@ -104,21 +106,24 @@ def load_config_file(config: str | Path | dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-def _build(spec: dict[str, Any], model: nn.Module, config_list: list[dict[str, Any]] | None, evaluator: Any) -> Any:
+def _build(spec: dict[str, Any], model: nn.Module, config_list: list[dict[str, Any]] | None, evaluator: Any,
+           extra: dict[str, Any] | None = None) -> Any:
     if not isinstance(spec, dict) or "class_name" not in spec:
         raise ClassAwareError("The 'pruner' entry needs 'className' (and optionally 'classArgs').")
     unknown = sorted(set(spec) - {"class_name", "class_args"})
     if unknown:
         raise ClassAwareError(f"Unknown key(s) {unknown} under 'pruner'. Allowed: className, classArgs.")
     cls = get_pruner_class(spec["class_name"])
-    args = dict(spec.get("class_args") or {})
+    args = {**dict(spec.get("class_args") or {}), **(extra or {})}
     params = inspect.signature(cls.__init__).parameters
     if spec["class_name"] in _SCHEDULED:
         # Scheduled pruners wrap a sub-pruner: classArgs: {pruner: {className: ..., classArgs: ...}, intervalSteps, totalTimes}
         sub = args.pop("pruner", None)
         if sub is None:
             raise ClassAwareError(f"{spec['class_name']} needs classArgs.pruner: the sub-pruner to schedule.")
-        args["pruner"] = _build(sub, model, config_list, evaluator)
+        args["pruner"] = _build(sub, model, config_list, evaluator, extra)
+        for key in extra or {}:  # the extra arguments went to the sub-pruner
+            args.pop(key, None)
         kwargs = {**args, "evaluator": evaluator}
     else:
         if config_list is None:
@@ -137,13 +142,18 @@ def _build(spec: dict[str, Any], model: nn.Module, config_list: list[dict[str, A
         return cls(**kwargs)
 
 
-def pruner_from_config(config: str | Path | dict[str, Any], model: nn.Module, evaluator: Any = None) -> Any:
-    """Build the pruner a YAML/JSON file (or dict) names, for ``model`` with NNI ``evaluator``.
+def pruner_from_config(config: str | Path | dict[str, Any], model: nn.Module, evaluator: Any = None,
+                       **pruner_args: Any) -> Any:
+    """Build the pruner a YAML/JSON file (or dict) names, for ``model`` with NNI ``evaluator``. ``pruner_args`` are
+    given to the pruner besides its ``classArgs`` (what a file cannot hold, e.g. ``calib_loader=``); they win over the
+    file's.
 
     Example:
         >>> pruner = pruner_from_config("prune.yaml", model, evaluator)   # doctest: +SKIP
         >>> _, masks = pruner.compress()                                  # doctest: +SKIP
     """
+    if not isinstance(model, nn.Module):
+        raise ClassAwareError(f"The 'model' parameter must be a torch.nn.Module. Got {type(model).__name__}.")
     cfg = load_config_file(config)
     config_list = cfg.get("config_list")
     if config_list is not None:
@@ -153,4 +163,4 @@ def pruner_from_config(config: str | Path | dict[str, Any], model: nn.Module, ev
             inner = ((cfg["pruner"].get("class_args") or {}).get("pruner") or {}).get("class_name")
         if inner != "ClassAwarePruner":  # ours prepares its own config_list
             config_list = prepare_config_list(model, config_list)
-    return _build(cfg.get("pruner"), model, config_list, evaluator)
+    return _build(cfg.get("pruner"), model, config_list, evaluator, pruner_args)

@@ -42,13 +42,20 @@ class ClassAwareImportance(tp.importance.GroupMagnitudeImportance):
         important_classes: classes whose false negatives must be kept.
         score: a registered core score: ``'fisher'`` (class-conditional Fisher, default), ``'taylor_signed'``,
             ``'magnitude_increase'`` (the paper's ``|w_T| - |w_0|``; call :meth:`set_rewind_point`), ``'magnitude'``.
-        omega, rest_weight, weighting, loss, normalization: the score's own options (``None``: the score's default;
-            an option the score does not have is refused), see ``ClassConditionalFisher`` and ``ClassDependentTaylor``.
-        model, dataloader: drop-in mode: statistics are refreshed automatically at every pruning step.
+        omega: the score's weight of each important class (one value or ``{class: weight}``; ``None``: the score's
+            default). The options below likewise: an option the score does not have is refused.
+        rest_weight: the score's weight of the other classes.
+        weighting: Fisher: ``'balanced'`` (each class bucket's mean) or ``'count'`` (every sample alike).
+        loss: Fisher: ``'ce'`` or ``'margin'`` (the log-odds margin for the important classes' samples).
+        normalization: ``taylor_signed``: ``'none'`` or ``'mean'``.
+        model: drop-in mode, with ``dataloader``: statistics are refreshed automatically at every pruning step.
+        dataloader: the calibration batches of drop-in mode (checked at once: not empty, ``(inputs, labels)``
+            batches the model can take).
         max_batches: calibration batches per refresh (None = the whole loader).
         num_classes: the model's output width (inferred from one batch when omitted).
-        group_reduction, normalizer: Torch-Pruning's own options (``normalizer='auto'`` is ``'mean'``, or
-            ``None`` for the signed magnitude-increase score, whose mean can be negative).
+        group_reduction: Torch-Pruning's own option.
+        normalizer: Torch-Pruning's own option (``'auto'`` is ``'mean'``, or ``None`` for the signed
+            magnitude-increase score, whose mean can be negative).
         bias: include biases (BatchNorm shifts are always included).
 
     Example (one line changed in a Torch-Pruning script)::
