@@ -59,6 +59,8 @@ def create_backend(
     latency_probe: Callable[[nn.Module], float] | None = None,
     rewind_model: Callable[[], nn.Module] | None = None,
     cert_loader: Iterable[Any] | None = None,
+    allocation: Mapping[str, float] | None = None,
+    global_pruning: bool = False,
 ) -> PruningBackend:
     """A backend for :class:`~classaware_plugin.core.FNConstrainedPruning` that prunes ``model`` in place.
 
@@ -66,7 +68,9 @@ def create_backend(
     ``score`` (:func:`~classaware_plugin.core.make_score` names and ``score_options``), ``round_to`` channels at a
     time; ``"unstructured"`` zeroes single weights with ``torch.nn.utils.prune``. ``rewind_model()`` gives the
     initial weights for scores that need them (``needs_rewind``, e.g. ``magnitude_increase``). ``cert_loader``: the
-    certified rule's held-out split (:class:`~classaware_plugin.core.FNGuarantee`).
+    certified rule's held-out split (:class:`~classaware_plugin.core.FNGuarantee`). ``allocation`` (structured: unit ->
+    kept fraction, from :func:`width_search`) makes every step move each unit towards its width; ``global_pruning``
+    (Torch-Pruning) ranks channels across layers instead of taking the same fraction of each.
     """
     check_choice("backend", name, BACKENDS)
     require_framework(name)
@@ -74,6 +78,12 @@ def create_backend(
     needs_rewind = score_class(score).needs_rewind
     if needs_rewind and rewind_model is None:
         raise ClassAwareError(f"The score {score!r} needs the initial weights: pass rewind_model=.")
+    if name == "unstructured" and (allocation is not None or global_pruning):
+        raise ClassAwareError("Per-layer widths (allocation, global pruning) are for structured pruning; unstructured "
+                              "pruning ranks single weights globally.")
+    if name == "nni" and global_pruning:
+        raise ClassAwareError("Global pruning is offered with the torch-pruning backend; with nni use a searched "
+                              "allocation or the uniform one.")
     if name == "unstructured":
         from .unstructured import UnstructuredBackend
 
@@ -90,7 +100,7 @@ def create_backend(
 
         return NNIBackend(model, example_inputs, val_loader, important_classes, calib_loader, finetune,  # type: ignore[arg-type]
                           pruner_kwargs={"score": score, "round_to": round_to, **options}, calib_batches=calib_batches,
-                          latency_probe=latency_probe, cert_loader=cert_loader)
+                          latency_probe=latency_probe, cert_loader=cert_loader, allocation=allocation)
     from .torch_pruning import ClassAwareImportance, TorchPruningBackend
 
     imp = ClassAwareImportance(important_classes, score=score, num_classes=num_classes, **options)
@@ -98,4 +108,22 @@ def create_backend(
         imp.set_rewind_point(rewind_model())  # type: ignore[misc]
     return TorchPruningBackend(model, example_inputs, imp, val_loader, important_classes, calib_loader=calib_loader,
                                finetune=finetune, calib_batches=calib_batches, round_to=round_to,
-                               latency_probe=latency_probe, cert_loader=cert_loader)
+                               latency_probe=latency_probe, cert_loader=cert_loader, allocation=allocation,
+                               global_pruning=global_pruning)
+
+
+def width_search(name: BackendName, model: nn.Module, example_inputs: torch.Tensor, target: float,
+                 objective: Callable[[nn.Module], float], adapt_loader: Iterable[Any] | None, adapt_batches: int = 50,
+                 round_to: int | None = None, **search_kwargs: Any) -> Any:
+    """The width search (:class:`~classaware_plugin.core.allocation.WidthSearch`, not yet run) with the framework of
+    backend ``name``: its units, candidates pruned from copies by magnitude (Torch-Pruning) or L1 norm (NNI)."""
+    check_choice("backend", name, ("torch-pruning", "nni"))
+    require_framework(name)
+    if name == "nni":
+        from .nni.allocation import width_search as nni_search
+
+        return nni_search(model, example_inputs, target, objective, adapt_loader, adapt_batches, **search_kwargs)
+    from .torch_pruning.allocation import width_search as tp_search
+
+    return tp_search(model, example_inputs, target, objective, adapt_loader, adapt_batches, round_to=round_to,
+                     **search_kwargs)

@@ -390,6 +390,42 @@ def test_one_run_per_directory_and_a_killed_runs_lock_does_not_block_its_resume(
     assert forced.returncode == 0, forced.stderr[-2000:]  # and a new run may take the directory over
 
 
+def test_the_width_search_runs_in_the_job_and_resumes_where_it_was_killed(tmp_path, monkeypatch):
+    """pruning.allocation=search: the search's candidates are checkpointed one by one; killed after the second, the
+    resumed run searches on and finds what an uninterrupted run finds; the loop then prunes towards those widths."""
+    from classaware_plugin.cli import job as job_mod
+
+    sets = [*FAST, "pruning.allocation=search", "pruning.search_candidates=4", "pruning.round_to=8",
+            "pruning.max_steps=4", "export.onnx=false"]
+    ref = tmp_path / "ref"
+    assert main(["run", "--quiet", "--out", str(ref), *_sets(sets)]) == 0
+    report = json.loads((ref / "report.json").read_text())
+    a = report["allocation"]
+    assert a["method"] == "search" and a["candidates"] == 4 and 0 < a["search_share"] < 1
+    assert a["reduction"] >= 1.6 and set(a["units"]) and all(0 < v <= 1 for v in a["units"].values())
+    assert json.loads((ref / "allocation.json").read_text())["units"] == a["units"] and not (ref / "search.json").exists()
+
+    writes = []
+    write_text = job_mod.Job._write_text
+
+    def dying(self, path, text):
+        write_text(self, path, text)
+        if path.name == "search.json":
+            writes.append(path)
+            if len(writes) == 2:
+                raise KeyboardInterrupt
+
+    out = tmp_path / "killed"
+    with monkeypatch.context() as mp:
+        mp.setattr(job_mod.Job, "_write_text", dying)
+        assert main(["run", "--quiet", "--out", str(out), *_sets(sets)]) == 130
+    assert len(json.loads((out / "search.json").read_text())["candidates"]) == 2
+    assert main(["run", "--quiet", "--resume", str(out)]) == 0
+    assert json.loads((out / "allocation.json").read_text())["units"] == a["units"]
+    got = json.loads((out / "report.json").read_text())
+    assert [h["macs"] for h in got["history"]] == [h["macs"] for h in report["history"]]
+
+
 def test_a_latency_target_is_measured_at_every_attempt(tmp_path):
     """The job with a latency target instead of MACs: every attempt records the measured speed-up over the dense
     model and the report names the target (whether it is reached depends on the clock, so it is not asserted)."""

@@ -63,6 +63,7 @@ CONFIG = [  # (--set override, a piece of the message: the value or the key it n
     ("pruning.target_latency_reduction=0.5", "0.5"), ("pruning.latency_runtime=tensorrt", "tensorrt"),
     ("pruning.latency_batch_size=0", "0"), ("training.patience=0", "0"), ("pruning.finetune_patience=1.5", "1.5"),
     ("pruning.distill=1.5", "1.5"), ("pruning.distill_temperature=0", "distill_temperature"),
+    ("pruning.allocation=best", "best"), ("pruning.search_candidates=0", "0"), ("pruning.search_objective=f1", "f1"),
 ]
 
 
@@ -378,3 +379,13 @@ def test_the_cli_prints_one_error_line_and_no_traceback(tmp_path, name):
     assert code == status, err
     assert err.startswith("error: ") and named in err and "Traceback" not in err
     assert not (tmp_path / "PWNED").exists()  # no payload ran on any load path
+
+
+@pytest.mark.parametrize("sets,message", [
+    (["pruning.allocation=search", "pruning.granularity=unstructured"], "needs pruning.granularity: structured"),
+    (["pruning.allocation=global", "pruning.backend=nni"], "allocation: search or uniform"),
+    (["pruning.allocation=search", "pruning.target_latency_reduction=1.5"], "target_macs_reduction"),
+])
+def test_a_width_allocation_the_setting_cannot_use_is_refused(sets, message):
+    with pytest.raises(ClassAwareError, match=message):
+        load_config(None, sets)

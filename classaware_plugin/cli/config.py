@@ -11,6 +11,7 @@ import yaml
 
 from ..backends import FRAMEWORKS, require_framework
 from ..core.controller import FNConstrainedPruning, FNConstraint
+from ..core.allocation import WidthSearch
 from ..core.guarantee import FNGuarantee
 from ..core.distributed import resolve_device
 from ..core.loss import WEIGHT_SCHEMES, ClassDependentLoss
@@ -112,6 +113,10 @@ KEYS: dict[str, Constraint] = {
     "pruning.latency_batch_size": LatencyProbe.PARAMETERS["batch_size"],
     "pruning.target_sparsity": Interval(0.0, 1.0, low_open=True, high_open=True),
     "pruning.round_to": ROUND_TO_CONSTRAINT,
+    "pruning.allocation": Options(("uniform", "global", "search")),
+    "pruning.search_objective": Options(("important", "accuracy")),
+    "pruning.search_candidates": WidthSearch.PARAMETERS["candidates"],
+    "pruning.search_batches": Interval(1, integer=True),
     "pruning.step": FNConstrainedPruning.PARAMETERS["step"],
     "pruning.max_halvings": FNConstrainedPruning.PARAMETERS["max_halvings"],
     "pruning.max_steps": FNConstrainedPruning.PARAMETERS["max_steps"],
@@ -233,6 +238,15 @@ def validate(cfg: dict[str, Any]) -> None:
         validate_score(p["score"], **{k: p.get(k) for k in SCORE_OPTIONS})
     except ClassAwareError as e:
         raise ClassAwareError(f"In the configuration section 'pruning': {e}") from None
+    if p["allocation"] != "uniform" and p["granularity"] != "structured":
+        raise ClassAwareError(f"pruning.allocation={p['allocation']} chooses per-layer widths, which needs "
+                              "pruning.granularity: structured (unstructured pruning ranks single weights globally).")
+    if p["allocation"] == "global" and p["backend"] != "torch-pruning":
+        raise ClassAwareError("pruning.allocation=global ranks channels across layers with Torch-Pruning; with "
+                              "pruning.backend=nni use allocation: search or uniform.")
+    if p["allocation"] == "search" and p["target_latency_reduction"] is not None:
+        raise ClassAwareError("pruning.allocation=search searches widths for a MACs target; give "
+                              "pruning.target_macs_reduction instead of target_latency_reduction.")
     if p["target_latency_reduction"] is not None and p["granularity"] != "structured":
         raise ClassAwareError(
             f"pruning.target_latency_reduction={p['target_latency_reduction']} needs pruning.granularity: "

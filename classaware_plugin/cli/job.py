@@ -30,7 +30,8 @@ from ..core.guarantee import FNGuarantee, guarantee_sentence, split_for_certific
 from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from ..core.training import Distillation, EarlyStopping, recalibrate_batchnorm, train
-from ..backends import create_backend
+from ..backends import create_backend, width_search
+from ..core.allocation import accuracy_objective, important_class_objective
 from ..data import DATASETS, DataBundle, labels_of, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
@@ -43,6 +44,10 @@ from .lock import LOCK
 log = logging.getLogger(__name__)
 
 STATE = "state.pt"
+ALLOCATION = "allocation.json"
+"""The searched per-layer widths (``pruning.allocation: search``)."""
+SEARCH = "search.json"
+"""The width search's state after every candidate (deleted once ``allocation.json`` is written)."""
 DENSE_TRAINING = "dense_training.pt"
 """The dense training's checkpoint at its last epoch boundary (deleted once ``dense.pt`` is written)."""
 STAGES = ("pruning", "pruned", "calibrated", "done")
@@ -260,8 +265,39 @@ class Job:
 
         return finetune
 
+    def allocate(self, dense: nn.Module, dense_val: Evaluation, bundle: DataBundle, important: list[int],
+                 dl: dict[str, Any]) -> dict[str, Any] | None:
+        """``pruning.allocation: search``: the per-layer widths searched on the dense model for the MACs target, judged
+        on the selection split (never the certification split); every candidate is checkpointed
+        (``search.json``), so a resumed run continues the search. Returns ``{"units": {name: kept fraction}, ...}``
+        (``allocation.json``), or None for the uniform and global allocations."""
+        p = self.cfg["pruning"]
+        if p["allocation"] != "search":
+            return None
+        done, partial = self.dir / ALLOCATION, self.dir / SEARCH
+        if self._exists(done):
+            return json.loads(done.read_text())
+        if p["search_objective"] == "important":
+            objective = important_class_objective(dl["val"], important, {c: fpr_of(dense_val, c) for c in important})
+        else:
+            objective = accuracy_objective(dl["val"])
+        example = torch.zeros(2, *bundle.input_shape, device=self.device)
+        search = width_search(p["backend"], dense, example, p["target_macs_reduction"], objective, dl["train"],
+                              p["search_batches"], round_to=p["round_to"], candidates=p["search_candidates"],
+                              seed=self.cfg["seed"], progress=self.progress)
+        if self._exists(partial):
+            search.load_state_dict(json.loads(partial.read_text()))
+        dl["train"].generator.manual_seed(self.cfg["seed"] * 100_003)  # the adaptive-BN batches: seeded, resumable
+        result = search.run(on_candidate=lambda c, s: self._write_text(partial, json.dumps(s.state_dict())))
+        allocation = {"units": result.best.allocation, "score": result.best.score, "reduction": result.best.reduction,
+                      "objective": p["search_objective"], "candidates": len(result.candidates),
+                      "seconds": round(result.seconds, 1)}
+        self._write_text(done, json.dumps(allocation, indent=1))
+        self._unlink(partial)
+        return allocation
+
     def _backend(self, model: nn.Module, dense: nn.Module, bundle: DataBundle, important: list[int],
-                 dl: dict[str, Any], attempt_of):
+                 dl: dict[str, Any], attempt_of, allocation: dict[str, Any] | None = None):
         p = self.cfg["pruning"]
         finetune = self.finetuner(dense, bundle, important, dl, attempt_of)
         example = torch.zeros(2, *bundle.input_shape, device=self.device)
@@ -278,7 +314,8 @@ class Job:
             score_options=score_config(p), important_classes=important, num_classes=bundle.num_classes,
             val_loader=dl["val"], calib_loader=dl["calib"], finetune=finetune, example_inputs=example,
             calib_batches=p["calib_batches"], round_to=p["round_to"], latency_probe=probe,
-            rewind_model=self._initial_model, cert_loader=dl.get("cert"))
+            rewind_model=self._initial_model, cert_loader=dl.get("cert"),
+            allocation=allocation["units"] if allocation else None, global_pruning=p["allocation"] == "global")
         return backend, key, target
 
     def _initial_model(self) -> nn.Module:
@@ -308,11 +345,15 @@ class Job:
         dense = self.dense_model(bundle, important, dl)
         dense_metrics = self.dense_metrics(dense, bundle, important, dl)
         dense_val = Evaluation.from_dict(dense_metrics["validation"])
-        run = self.prune(dense, dense_val, bundle, important, dl)
+        allocation = self.allocate(dense, dense_val, bundle, important, dl)
+        run = self.prune(dense, dense_val, bundle, important, dl, allocation)
         calibration = self.calibrate(run, dense_val, important, dl)
         exports = self.export(run.model, bundle)
         report = self.report(run, dense, dense_metrics, dense_val, bundle, important, dl, calibration, exports)
         report["wall_time_s"] = round(time.time() - t0, 1)
+        report["allocation"] = {"method": self.cfg["pruning"]["allocation"], **(allocation or {})}
+        if allocation:
+            report["allocation"]["search_share"] = round(allocation["seconds"] / max(report["wall_time_s"], 1e-9), 3)
         report["processes"] = distributed.world_size()
         report["device"] = str(self.device)
         from .report import write_report
@@ -350,7 +391,7 @@ class Job:
         return metrics
 
     def prune(self, dense: nn.Module, dense_val: Evaluation, bundle: DataBundle, important: list[int],
-              dl: dict[str, Any]) -> PruningRun:
+              dl: dict[str, Any], allocation: dict[str, Any] | None = None) -> PruningRun:
         """FN-constrained pruning, checkpointed after every attempt and resumed from the last one."""
         cfg, p = self.cfg, self.cfg["pruning"]
         state = self._run_state()
@@ -359,7 +400,7 @@ class Job:
                          stage=state["stage"] if state is not None else "pruning",
                          calibration=state.get("calibration") if state is not None else None)
         run.backend, run.key, run.target = self._backend(model, dense, bundle, important, dl,
-                                                         lambda: len(run.loop.history) + 1)
+                                                         lambda: len(run.loop.history) + 1, allocation)
         if state is not None and state.get("backend"):
             run.backend.load_state_dict(state["backend"])  # the true dense reference, NNI's masks, the rewind point
 
@@ -483,7 +524,7 @@ class PruningRun:
 
 MARKER = ".classaware-run"
 """Written first into every run directory: ``--force`` deletes only directories that carry it."""
-RUN_FILES = (MARKER, "config.yaml", STATE, DENSE_TRAINING, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx", "pruned.onnx.data",
+RUN_FILES = (MARKER, "config.yaml", STATE, DENSE_TRAINING, ALLOCATION, SEARCH, "dense.pt", "init.pt", "dense_metrics.json", "pruned.pt", "pruned.onnx", "pruned.onnx.data",
              "report.json", "report.md", "fn_vs_compression.png")
 """Everything a run writes (``--force`` removes these and nothing else)."""
 

@@ -8,7 +8,7 @@ the model copy, the masks and the ratio. ``finalize()`` runs NNI's ModelSpeedup 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -18,6 +18,7 @@ from ..core.backend import ModelBackend
 from ..core.controller import NothingToPrune
 from ..measure import count_params_macs
 from ._compat import bake_masks, silenced
+from .allocation import config_list_for, prunable_units
 from .io import speedup
 from .pruner import ClassAwarePruner
 
@@ -36,9 +37,13 @@ class NNIBackend(ModelBackend):
         calib_batches: int | None = None,
         latency_probe: Callable[[nn.Module], float] | None = None,
         cert_loader: Iterable[Any] | None = None,
+        allocation: Mapping[str, float] | None = None,
     ) -> None:
         super().__init__(model, val_loader, important_classes, finetune, example_inputs=example_inputs,
                          counter=count_params_macs, latency_probe=latency_probe, cert_loader=cert_loader)
+        # with a searched allocation (unit -> kept fraction), every step takes each unit a share of the way to it
+        self.allocation = dict(allocation) if allocation is not None else None
+        self.units = prunable_units(model) if allocation is not None else []
         self.calib_loader = calib_loader
         self.config_list = config_list or [{"op_types": ["Conv2d"], "granularity": "out_channel"}]
         self.pruner_kwargs = dict(pruner_kwargs or {})
@@ -51,7 +56,10 @@ class NNIBackend(ModelBackend):
         ratio = self.ratio + (1.0 - self.ratio) * fraction
         if ratio >= 0.999:
             raise NothingToPrune()
-        config = [dict(c, sparse_ratio=float(ratio)) for c in self.config_list]
+        if self.allocation is not None:  # the ratio is the progress towards the allocated widths
+            config = config_list_for(self.units, self.allocation, ratio)
+        else:
+            config = [dict(c, sparse_ratio=float(ratio)) for c in self.config_list]
         pruner = ClassAwarePruner(self.model, config, important_classes=self.important_classes,
                                   calib_loader=self.calib_loader, max_batches=self.calib_batches, **self.pruner_kwargs)
         _, masks = pruner.compress()

@@ -70,14 +70,15 @@ def prune_to_allocation(model: nn.Module, example_inputs: torch.Tensor, allocati
     return model
 
 
-def search_widths(model: nn.Module, example_inputs: torch.Tensor, target: float, objective: Callable[[nn.Module], float],
-                  adapt_loader: Iterable[Any] | None = None, adapt_batches: int = 50,
-                  ignored_layers: Sequence[nn.Module] | None = None, round_to: int | None = ROUND_TO,
-                  **search_kwargs: Any) -> SearchResult:
-    """The width search on ``model`` (left as it is) for ``target``x fewer MACs: candidates pruned from copies by
-    magnitude, BatchNorm statistics re-estimated on ``adapt_batches`` batches of ``adapt_loader`` (adaptive BN),
-    judged by ``objective`` (e.g. :func:`~classaware_plugin.core.allocation.important_class_objective` on the
-    selection split). ``search_kwargs`` go to :class:`~classaware_plugin.core.allocation.WidthSearch`."""
+def width_search(model: nn.Module, example_inputs: torch.Tensor, target: float, objective: Callable[[nn.Module], float],
+                 adapt_loader: Iterable[Any] | None = None, adapt_batches: int = 50,
+                 ignored_layers: Sequence[nn.Module] | None = None, round_to: int | None = ROUND_TO,
+                 **search_kwargs: Any) -> WidthSearch:
+    """The width search on ``model`` (left as it is) for ``target``x fewer MACs, ready to ``run()`` (or to
+    ``load_state_dict`` a saved one first): candidates pruned from copies by magnitude, BatchNorm statistics
+    re-estimated on ``adapt_batches`` batches of ``adapt_loader`` (adaptive BN), judged by ``objective`` (e.g.
+    :func:`~classaware_plugin.core.allocation.important_class_objective` on the selection split). ``search_kwargs``
+    go to :class:`~classaware_plugin.core.allocation.WidthSearch`."""
     units = prunable_units(model, example_inputs, ignored_layers)
     names = {m: n for n, m in model.named_modules()}
     ignored_names = [names[m] for m in (ignored_layers if ignored_layers is not None else [last_linear(model)])]
@@ -96,4 +97,10 @@ def search_widths(model: nn.Module, example_inputs: torch.Tensor, target: float,
         if adapt_loader is not None:
             recalibrate_batchnorm(pruned, adapt_loader, adapt_batches)
 
-    return WidthSearch(units, prune, reduction, objective, adapt, target, **search_kwargs).run()
+    return WidthSearch(units, prune, reduction, objective, adapt, target, **search_kwargs)
+
+
+def search_widths(model: nn.Module, example_inputs: torch.Tensor, target: float, objective: Callable[[nn.Module], float],
+                  **kwargs: Any) -> SearchResult:
+    """:func:`width_search`, run: the best allocation and every candidate."""
+    return width_search(model, example_inputs, target, objective, **kwargs).run()

@@ -9,7 +9,7 @@ left behind to reset.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -105,6 +105,7 @@ class TorchPruningBackend(ModelBackend):
         round_to: int | None = ROUND_TO,
         latency_probe: Callable[[nn.Module], float] | None = None,
         cert_loader: Iterable[Any] | None = None,
+        allocation: Mapping[str, float] | None = None,
     ) -> None:
         ROUND_TO_CONSTRAINT.check("round_to", round_to)
         self.importance = importance
@@ -127,19 +128,53 @@ class TorchPruningBackend(ModelBackend):
         for name, loader in (("calib_loader", self.calib_loader), ("cert_loader", cert_loader)):
             if loader is not None:
                 check_loader(name, loader, model)
+        # With a searched allocation (unit -> kept fraction of its dense width), every step takes each unit a share of
+        # its remaining way there; the dense widths are state (a resumed backend is built on a pruned model).
+        self.allocation = dict(allocation) if allocation is not None else None
+        self.dense_widths = {n: _width(m) for n, m in model.named_modules() if n in (self.allocation or {})}
+        if self.allocation is not None and set(self.dense_widths) != set(self.allocation):
+            raise ClassAwareError(f"The 'allocation' names layers the model does not have: "
+                                  f"{sorted(set(self.allocation) - set(self.dense_widths))[:5]}.")
         if pruner_factory is None:
-            self._make_pruner(0.1)  # a model with nothing to prune is refused here, before any work
+            self._make_pruner(0.1, allocated=False)  # a model with nothing to prune is refused here, before any work
 
     # ----------------------------------------------------------------- backend interface
-    def _make_pruner(self, ratio: float, fallback: bool = False) -> Any:
+    def _make_pruner(self, ratio: float, fallback: bool = False, allocated: bool = True) -> Any:
         if self.pruner_factory is not None:
             return self.pruner_factory(self.model, self.importance, ratio)
         ignored = self.ignored_layers if self.ignored_layers is not None else [last_linear(self.model)]
+        if self.allocation is not None and allocated:  # per-unit ratios towards the allocation (widths rounded there)
+            return RoundingMetaPruner(
+                self.model, self.example_inputs, importance=self.importance, pruning_ratio=0.0,
+                pruning_ratio_dict=self._allocation_ratios(ratio), ignored_layers=ignored, round_to=None)
         return RoundingMetaPruner(
             self.model, self.example_inputs, importance=self.importance, pruning_ratio=ratio,
             global_pruning=self.global_pruning or fallback, ignored_layers=ignored, round_to=self.round_to,
             round_down=fallback,
         )
+
+    def _allocation_ratios(self, fraction: float) -> dict[nn.Module, float]:
+        """Each unit's share of the step: ``fraction`` of the channels on average, spread over the units in
+        proportion to the way each has left to its allocated width, never below it; widths are rounded to
+        ``round_to`` here (the final ones as the search's candidates were), and when rounding would leave every unit
+        as it was, the unit with the longest way left loses one block."""
+        assert self.allocation is not None
+        modules = dict(self.model.named_modules())
+        left = {}  # module -> (channels now, final channels)
+        for name, keep in self.allocation.items():
+            now = _width(modules[name])
+            final = rounded_channels(self.dense_widths[name], keep * self.dense_widths[name], self.round_to)
+            if now > final:
+                left[modules[name]] = (now, final)
+        if not left:
+            raise NothingToPrune()
+        scale = min(1.0, fraction / (sum(1 - f / n for n, f in left.values()) / len(self.allocation)))
+        kept = {m: max(f, rounded_channels(n, n - (n - f) * scale, self.round_to)) for m, (n, f) in left.items()}
+        if all(kept[m] == n for m, (n, _) in left.items()):
+            m, (n, f) = max(left.items(), key=lambda kv: 1 - kv[1][1] / kv[1][0])
+            kept[m] = max(f, n - (self.round_to or 1))
+        # TP keeps int(channels * (1 - ratio)): half a channel of slack makes it keep exactly k
+        return {m: (left[m][0] - k - 0.5) / left[m][0] for m, k in kept.items() if k < left[m][0]}
 
     def _prepare_importance(self) -> None:
         imp = self.importance
@@ -164,7 +199,7 @@ class TorchPruningBackend(ModelBackend):
         before = self._count()
         self._prepare_importance()
         self._make_pruner(fraction).step()
-        if self._count() == before and self.round_to and self.pruner_factory is None:
+        if self._count() == before and self.round_to and self.pruner_factory is None and self.allocation is None:
             # Rounded to the nearest block, a small step leaves every layer as it was. Then the same step is taken
             # globally with the kept counts rounded down: the least important channels decide which layers lose a
             # block, so the step is the finest rounding allows. (The model did not change: statistics still fresh.)
@@ -182,11 +217,16 @@ class TorchPruningBackend(ModelBackend):
         return (model, self.importance.score.snapshot) if self._rewinds() else model
 
     def extra_state(self) -> dict[str, Any]:
-        return {"rewind_point": self.importance.score.snapshot.tensors} if self._rewinds() else {}
+        state: dict[str, Any] = {"dense_widths": dict(self.dense_widths)} if self.allocation is not None else {}
+        if self._rewinds():
+            state["rewind_point"] = self.importance.score.snapshot.tensors
+        return state
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
         if self._rewinds() and state.get("rewind_point") is not None:
             self.importance.score.snapshot = RewindSnapshot(state["rewind_point"])
+        if state.get("dense_widths"):
+            self.dense_widths = dict(state["dense_widths"])
 
     def restore(self, state: Any) -> None:
         if self._rewinds():
@@ -194,6 +234,11 @@ class TorchPruningBackend(ModelBackend):
             self.importance.score.snapshot = state[1]
         else:
             super().restore(state)
+
+
+def _width(module: nn.Module) -> int:
+    """The output channels of a unit's root layer."""
+    return int(getattr(module, "out_channels", getattr(module, "out_features", 0)))
 
 
 def accumulate_gradients(model: nn.Module, loader: Iterable[Any], max_batches: int | None = None) -> None:
