@@ -3,7 +3,8 @@
 python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks jobtime [--backends NAME ...];
 python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda];
 python -m benchmarks dense-loss [--suite NAME ...] [--out DIR]; python -m benchmarks noise [--data NAME ...];
-python -m benchmarks guarantee [--data NAME ...] [--seeds N ...]"""
+python -m benchmarks guarantee [--data NAME ...] [--seeds N ...];
+python -m benchmarks allocation correlation|compare [--data NAME ...] [--seeds N ...] [--levels X ...]"""
 from __future__ import annotations
 
 import argparse
@@ -72,6 +73,14 @@ def main() -> None:
     gu.add_argument("--seeds", type=int, nargs="*", help="seeds (default 0-9)")
     gu.add_argument("--out", type=Path)
     gu.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
+    al = sub.add_parser("allocation", help="issue 32: does a width search judged by the important class buy anything? "
+                        "(results/allocation_correlation.md, results/allocation.md)")
+    al.add_argument("mode", choices=["correlation", "compare"])
+    al.add_argument("--data", nargs="*", choices=["digits", "fashion"], metavar="DATA")
+    al.add_argument("--seeds", type=int, nargs="*", help="compare: seeds (default 0-4)")
+    al.add_argument("--levels", type=float, nargs="*", help="compare: MACs reductions (default 2 3 5)")
+    al.add_argument("--out", type=Path)
+    al.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
     tp_.add_argument("--out", type=Path)
     tp_.add_argument("--nproc", type=_positive_int, nargs="*", default=[1, 2], help="process counts (default: 1 2)")
@@ -148,6 +157,16 @@ def _dispatch(args: argparse.Namespace) -> None:
         if args.threads:
             torch.set_num_threads(args.threads)
         run_guarantee(out, tuple(args.data or G_DATA), tuple(args.seeds if args.seeds is not None else SEEDS))
+        return
+    elif args.cmd == "allocation":
+        import torch
+
+        from .allocation import DATA as A_DATA, run as run_allocation
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        run_allocation(args.mode, out, tuple(args.data or A_DATA), tuple(args.seeds if args.seeds is not None else
+                                                                          range(5)), tuple(args.levels or (2.0, 3.0, 5.0)))
         return
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime

@@ -1,0 +1,249 @@
+"""Does choosing how many channels each layer keeps, by the important class's own metric, buy anything? (issue 32)
+
+Two measurements, on the guarantee benchmark's dense models (the CLI job's, one per data set and seed, cached):
+
+``correlation`` (first, as the issue asks): 32 random candidates of per-layer widths at 3x fewer MACs (Torch-Pruning
+units, channels by magnitude), each scored as the search scores it (BatchNorm statistics re-estimated on 50 training
+batches; the important class's FN rate at the dense FPR and the accuracy, on the selection split), then fine-tuned with
+the budget the iterative loop spends to reach 3x, and measured on the test split. The rank correlation (Spearman) of
+the cheap score with the fine-tuned result says whether a search over it can find anything.
+
+``compare``: (a) the class-aware search, (b) the same search judging accuracy, (c) Torch-Pruning's GroupTaylor with
+global ranking, (d) NNI's L1 with the same fraction of every layer; one shot to each MACs level (2x, 3x, 5x), the same
+channel criterion in (a)-(c) (GroupTaylor within layers), the same fine-tuning budget for all. Reported: the important
+class's test FN at the dense FPR, the excess over the dense model's, accuracy, AUC, paired differences against the
+better of (c) and (d) with 95% intervals, and the search's share of the wall time.
+
+    python -m benchmarks allocation correlation [--data digits fashion] [--threads 1]
+    python -m benchmarks allocation compare [--data digits fashion] [--seeds 0 1 2 3 4] [--levels 2 3 5]
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch_pruning as tp
+from scipy import stats
+
+from classaware_plugin.cli.job import Job, load_data, loaders
+from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
+from classaware_plugin.core.allocation import accuracy_objective, important_class_objective
+from classaware_plugin.core.calibration import last_linear
+from classaware_plugin.core.training import recalibrate_batchnorm
+from classaware_plugin.export import atomic_write_text
+from classaware_plugin.measure import count_params_macs
+from classaware_plugin.torch_pruning import RoundingMetaPruner, accumulate_gradients
+from classaware_plugin.torch_pruning.allocation import prune_to_allocation, width_search
+
+from .guarantee import CACHE as GUARANTEE_CACHE, config, dense_checkpoint, prune_to
+from .methods import structured_steps
+from .summarize import paired_difference
+
+log = logging.getLogger("benchmarks")
+DATA = ("digits", "fashion")
+METHODS = ("search_classaware", "search_accuracy", "tp_taylor", "nni_l1")
+CLASS_AGNOSTIC = ("tp_taylor", "nni_l1")
+
+
+def _setup(name: str, seed: int) -> dict[str, Any]:
+    """The seed's data (the certified rule's splits), its dense model and what every measurement needs."""
+    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    bundle, important = load_data(cfg)
+    dl = loaders(bundle, cfg)
+    job = Job(cfg, GUARANTEE_CACHE / f"{name}_{seed}" / "dense", progress=False)
+    dense = job.dense_model(bundle, important, dl).eval()
+    c = important[0]
+    fpr = fpr_of(evaluate(dense, dl["val"], important, bundle.num_classes), c)
+    return {"cfg": cfg, "bundle": bundle, "important": important, "c": c, "dl": dl, "job": job, "dense": dense,
+            "fpr": fpr, "example": torch.zeros(2, *bundle.input_shape)}
+
+
+def _finetune(s: dict[str, Any], model: torch.nn.Module, level: float, key: int) -> None:
+    """The job's fine-tuning with the budget the iterative loop spends to reach ``level`` (BatchNorm re-estimated)."""
+    epochs = structured_steps(level) * s["cfg"]["pruning"]["finetune_epochs"]
+    job = Job(config(s["name"], s["seed"], [f"pruning.finetune_epochs={epochs}"]), s["job"].dir, progress=False)
+    job.finetuner(s["dense"], s["bundle"], s["important"], s["dl"], lambda: key)(model)
+
+
+def _test_metrics(s: dict[str, Any], model: torch.nn.Module) -> dict[str, float]:
+    """The important class's test FN at the dense model's selection-split FPR (threshold chosen on the selection
+    split), FN rate, accuracy and AUC on the test split."""
+    c, val, test = s["c"], predict(model, s["dl"]["val"]), predict(model, s["dl"]["test"])
+    op = fn_at_fpr(val, test, c, s["fpr"])
+    ev = evaluate(model, s["dl"]["test"], s["important"], s["bundle"].num_classes)
+    return {"fn_at_dense_fpr": op.test_fn, "fn": ev.fn[c], "accuracy": ev.accuracy, "auc": ev.auc[c]}
+
+
+# ----------------------------------------------------------------------------- correlation
+def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3.0) -> dict[str, Any]:
+    s = _setup(name, seed) | {"name": name, "seed": seed}
+    objective = {"important": important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]}),
+                 "accuracy": accuracy_objective(s["dl"]["val"])}
+    search = width_search(s["dense"], s["example"], level, objective["important"], s["dl"]["train"], 50,
+                          round_to=s["cfg"]["pruning"]["round_to"], candidates=candidates, mutation=0.0, seed=seed)
+    rows = []
+    for k in range(candidates):
+        weights, _ = search._weights()
+        allocation, model, reduction = search._scaled(weights)
+        recalibrate_batchnorm(model, s["dl"]["train"], 50)
+        cheap = {f"cheap_{o}": fn(model) for o, fn in objective.items()}
+        _finetune(s, model, level, 5000 + k)
+        rows.append({"candidate": k, "reduction": reduction, **cheap, **_test_metrics(s, model)})
+        log.info("%s candidate %d: %.2fx, cheap %s, fine-tuned FN %d, accuracy %.3f", name, k, reduction, cheap,
+                 rows[-1]["fn_at_dense_fpr"], rows[-1]["accuracy"])
+    rho = {}
+    for cheap_key, final_key, sign in (("cheap_important", "fn_at_dense_fpr", -1), ("cheap_accuracy", "accuracy", 1),
+                                       ("cheap_important", "accuracy", 1), ("cheap_accuracy", "fn_at_dense_fpr", -1)):
+        r = stats.spearmanr([x[cheap_key] for x in rows], [sign * x[final_key] for x in rows])
+        rho[f"{cheap_key} vs {final_key}"] = {"spearman": float(r.statistic), "p": float(r.pvalue)}
+    return {"data": name, "seed": seed, "level": level, "candidates": rows, "spearman": rho}
+
+
+# ----------------------------------------------------------------------------- comparison
+def _prune_search(s: dict[str, Any], level: float, objective_name: str) -> tuple[torch.nn.Module, float, dict]:
+    objective = (important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]})
+                 if objective_name == "important" else accuracy_objective(s["dl"]["val"]))
+    t = time.time()
+    result = width_search(s["dense"], s["example"], level, objective, s["dl"]["train"], 50,
+                          round_to=s["cfg"]["pruning"]["round_to"], candidates=s["cfg"]["pruning"]["search_candidates"],
+                          seed=s["seed"]).run()
+    seconds = time.time() - t
+    model = copy.deepcopy(s["dense"])
+    accumulate_gradients(model, s["dl"]["calib"], s["cfg"]["pruning"]["calib_batches"])
+    prune_to_allocation(model, s["example"], result.best.allocation, importance=tp.importance.GroupTaylorImportance(),
+                        round_to=s["cfg"]["pruning"]["round_to"])
+    model.zero_grad(set_to_none=True)
+    return model, seconds, {"allocation": result.best.allocation, "search_score": result.best.score}
+
+
+def _prune_global_taylor(s: dict[str, Any], level: float) -> torch.nn.Module:
+    """GroupTaylor with global ranking, at the smallest ratio (bisection) that reaches ``level``."""
+    dense_macs = count_params_macs(s["dense"], s["example"])[1]
+    lo, hi, best = 0.0, 0.95, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        model = copy.deepcopy(s["dense"])
+        accumulate_gradients(model, s["dl"]["calib"], s["cfg"]["pruning"]["calib_batches"])
+        RoundingMetaPruner(model, s["example"], importance=tp.importance.GroupTaylorImportance(), pruning_ratio=mid,
+                           global_pruning=True, ignored_layers=[last_linear(model)],
+                           round_to=s["cfg"]["pruning"]["round_to"]).step()
+        model.zero_grad(set_to_none=True)
+        if dense_macs / count_params_macs(model, s["example"])[1] >= level:
+            hi, best = mid, model
+        else:
+            lo = mid
+    return best if best is not None else model
+
+
+def compare_one(s: dict[str, Any], level: float, method: str) -> dict[str, Any]:
+    t = time.time()
+    info: dict[str, Any] = {}
+    search_seconds = 0.0
+    if method.startswith("search_"):
+        model, search_seconds, info = _prune_search(s, level, "important" if method == "search_classaware" else "accuracy")
+    elif method == "tp_taylor":
+        model = _prune_global_taylor(s, level)
+    else:
+        p = s["cfg"]["pruning"]
+        model = prune_to("nni_l1", s["dense"], level, s["example"], s["dl"]["calib"], p["calib_batches"], p["round_to"])
+    reached = count_params_macs(s["dense"], s["example"])[1] / count_params_macs(model, s["example"])[1]
+    _finetune(s, model, level, 9000 + int(level * 10))
+    seconds = time.time() - t
+    return {"suite": s["name"], "model": s["cfg"]["model"]["name"], "level": level, "method": method, "seed": s["seed"],
+            "reached": reached, **_test_metrics(s, model), "seconds": round(seconds, 1),
+            "search_seconds": round(search_seconds, 1), **info}
+
+
+def summarize(rows: list[dict[str, Any]], dense: dict[tuple[str, int], dict[str, float]]) -> list[dict[str, Any]]:
+    """One row per suite, level and method, as issue 32 asks, with the paired comparison against the better
+    class-agnostic method (lower mean excess FN)."""
+    out = []
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        for level in sorted({r["level"] for r in rows if r["suite"] == suite}):
+            group = [r for r in rows if r["suite"] == suite and r["level"] == level]
+            excess = {m: {r["seed"]: r["fn_at_dense_fpr"] - dense[(suite, r["seed"])]["fn_at_dense_fpr"]
+                          for r in group if r["method"] == m} for m in METHODS}
+            baselines = [m for m in CLASS_AGNOSTIC if excess[m]]
+            base = min(baselines, key=lambda m: np.mean(list(excess[m].values()))) if baselines else None
+            for m in METHODS:
+                rs = [r for r in group if r["method"] == m]
+                if not rs:
+                    continue
+                row = {"suite": suite, "model": rs[0]["model"], "level": level, "method": m, "seeds": len(rs),
+                       "reached_mean": float(np.mean([r["reached"] for r in rs])),
+                       "fn_at_dense_fpr_mean": float(np.mean([r["fn_at_dense_fpr"] for r in rs])),
+                       "excess_fn_mean": float(np.mean(list(excess[m].values()))),
+                       "accuracy_mean": float(np.mean([r["accuracy"] for r in rs])),
+                       "auc_mean": float(np.mean([r["auc"] for r in rs])),
+                       "search_share": float(np.mean([r["search_seconds"] / r["seconds"] for r in rs]))}
+                if base is not None and m != base:
+                    d = paired_difference(excess[m], excess[base])
+                    base_mean = float(np.mean(list(excess[base].values())))
+                    row["paired"] = None if d is None else {
+                        "baseline": base, "excess_ratio": row["excess_fn_mean"] / base_mean if base_mean else None,
+                        "mean_diff": d["mean_diff"], "ci_low": d["ci_low"], "ci_high": d["ci_high"]}
+                out.append(row)
+    return out
+
+
+def table(summary: list[dict[str, Any]]) -> str:
+    lines = ["| suite | level | method | seeds | reached | FN at dense FPR | excess FN | vs baseline: excess ratio, "
+             "diff (95% CI) | accuracy | AUC | search share |", "|---|---:|---|---:|---:|---:|---:|---|---:|---:|---:|"]
+    for r in summary:
+        p = r.get("paired")
+        vs = "-" if not p else (f"{p['baseline']}: {p['excess_ratio']:.2f}, {p['mean_diff']:+.1f} "
+                                f"({p['ci_low']:+.1f}, {p['ci_high']:+.1f})" if p["excess_ratio"] is not None else p["baseline"])
+        lines.append(f"| {r['suite']} | {r['level']:g}x | {r['method']} | {r['seeds']} | {r['reached_mean']:.2f} | "
+                     f"{r['fn_at_dense_fpr_mean']:.1f} | {r['excess_fn_mean']:+.1f} | {vs} | "
+                     f"{100 * r['accuracy_mean']:.1f}% | {r['auc_mean']:.3f} | {r['search_share']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], levels: tuple[float, ...]) -> None:
+    if mode == "correlation":
+        path = out / "allocation_correlation.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+        for name in names:
+            done[name] = correlation(name)
+            atomic_write_text(path, json.dumps(done, indent=1))
+        lines = ["| data | cheap score | fine-tuned result | Spearman rho | p |", "|---|---|---|---:|---:|"]
+        for name, res in done.items():
+            for pair, v in res["spearman"].items():
+                cheap, final = pair.split(" vs ")
+                lines.append(f"| {name} | {cheap} | {final} | {v['spearman']:+.2f} | {v['p']:.3f} |")
+        atomic_write_text(out / "allocation_correlation.md", "\n".join(lines) + "\n")
+        return
+    raw = out / "allocation" / "raw.jsonl"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
+    dense_path = out / "allocation" / "dense.json"
+    dense = {tuple(k.split("|")[0:1]) + (int(k.split("|")[1]),): v
+             for k, v in (json.loads(dense_path.read_text()) if dense_path.exists() else {}).items()}
+    for name in names:
+        for seed in seeds:
+            todo = [(lv, m) for lv in levels for m in METHODS
+                    if not any(r["suite"] == name and r["seed"] == seed and r["level"] == lv and r["method"] == m
+                               for r in rows)]
+            if not todo and (name, seed) in dense:
+                continue
+            s = _setup(name, seed) | {"name": name, "seed": seed}
+            dense[(name, seed)] = _test_metrics(s, s["dense"])
+            atomic_write_text(dense_path, json.dumps({f"{k[0]}|{k[1]}": v for k, v in dense.items()}, indent=1))
+            for level, method in todo:
+                row = compare_one(s, level, method)
+                log.info("%s seed %d %gx %s: FN at dense FPR %d (dense %d), accuracy %.3f, %.0f s", name, seed, level,
+                         method, row["fn_at_dense_fpr"], dense[(name, seed)]["fn_at_dense_fpr"], row["accuracy"],
+                         row["seconds"])
+                with raw.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                rows.append(row)
+    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    summary = summarize(rows, dense)
+    atomic_write_text(out / "allocation.json", json.dumps({"rows": summary, "runs": rows}, indent=1))
+    atomic_write_text(out / "allocation.md", table(summary))
