@@ -105,68 +105,44 @@ def _dispatch(args: argparse.Namespace) -> None:
     from .summarize import summarize
 
     out = args.out or (RESULTS / "quick" if getattr(args, "quick", False) else RESULTS)
-    if args.cmd == "run":
-        if args.threads:
-            import torch
+    if getattr(args, "threads", None):  # every command that runs models takes --threads
+        import torch
 
-            torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.threads)
+    if args.cmd == "run":
         t = time.time()
         run(args.suite, args.quick, out, seeds=args.seeds, methods=args.methods, levels=args.levels)
         logging.getLogger("benchmarks").info("all done in %.0f s", time.time() - t)
     elif args.cmd == "scoring":
-        import torch
-
         from .scoring import run as run_scoring
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_scoring(out)
         return
     elif args.cmd == "speed":
-        import torch
-
         from .speed import MODELS, run as run_speed
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_speed(out, tuple(args.models or MODELS))
         return
     elif args.cmd == "dense-loss":
-        import torch
-
         from .dense_loss import run as run_dense_loss
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_dense_loss(out, tuple(args.suite or sorted(LOSS_ABLATION)))
         return
     elif args.cmd == "noise":
-        import torch
-
         from .noise import DATA, run as run_noise
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_noise(out, tuple(args.data or DATA))
         return
     elif args.cmd == "guarantee":
-        import torch
-
         from .guarantee import DATA as G_DATA, SEEDS, run as run_guarantee
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
         run_guarantee(out, tuple(args.data or G_DATA), tuple(args.seeds if args.seeds is not None else SEEDS))
         return
     elif args.cmd == "allocation":
-        import torch
-
         from .allocation import DATA as A_DATA, run as run_allocation
 
-        if args.threads:
-            torch.set_num_threads(args.threads)
-        run_allocation(args.mode, out, tuple(args.data or A_DATA), tuple(args.seeds if args.seeds is not None else
-                                                                          range(5)), tuple(args.levels or (2.0, 3.0, 5.0)))
+        seeds = tuple(args.seeds if args.seeds is not None else range(5))
+        run_allocation(args.mode, out, tuple(args.data or A_DATA), seeds, tuple(args.levels or (2.0, 3.0, 5.0)))
         return
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime

@@ -18,6 +18,7 @@ from classaware_plugin.cli.config import load_config
 from classaware_plugin.cli.main import main
 from classaware_plugin.core import ClassAwareError
 from classaware_plugin.export import load_model
+from classaware_plugin.files import load_object
 
 # A reduced budget: the default job with fewer epochs, the narrower ResNet-8 and fine steps (unrounded channel counts),
 # so that the runs are short and take several attempts, accepted and rejected.
@@ -356,7 +357,7 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_the_run_completes_after_space
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 2 and "No space left on the device while writing" in err[0] and "state.pt" in err[0]
     assert "previous version is intact" in err[0] and f"--resume {out}" in err[1]
-    state = torch.load(out / "state.pt", weights_only=False)
+    state = load_object(out / "state.pt", what="run state")  # the safe loader: the file is intact and ours
     assert state["stage"] == "pruning" and len(state["controller"]["history"]) == 2
     assert not list(out.glob(".*.partial"))
     assert main(["run", "--quiet", "--resume", str(out)]) == 0
