@@ -282,12 +282,12 @@ class Job:
         else:
             objective = accuracy_objective(dl["val"])
         example = torch.zeros(2, *bundle.input_shape, device=self.device)
+        dl["train"].generator.manual_seed(self.cfg["seed"] * 100_003)  # the adaptive-BN batches: seeded, resumable
         search = width_search(p["backend"], dense, example, p["target_macs_reduction"], objective, dl["train"],
                               p["search_batches"], round_to=p["round_to"], candidates=p["search_candidates"],
                               seed=self.cfg["seed"], progress=self.progress)
         if self._exists(partial):
             search.load_state_dict(json.loads(partial.read_text()))
-        dl["train"].generator.manual_seed(self.cfg["seed"] * 100_003)  # the adaptive-BN batches: seeded, resumable
         result = search.run(on_candidate=lambda c, s: self._write_text(partial, json.dumps(s.state_dict())))
         allocation = {"units": result.best.allocation, "score": result.best.score, "reduction": result.best.reduction,
                       "objective": p["search_objective"], "candidates": len(result.candidates),
@@ -474,7 +474,6 @@ class Job:
             # measured on this machine's CPU by rank 0, dense and pruned interleaved (see classaware_plugin.speed)
             "speed": speedup(cpu_copy(dense), cpu_copy(model), bundle.input_shape, batch_size=64) if self.main else None,
         }
-
 
     def constraint_report(self, run: PruningRun, dense_val: Evaluation, pruned_val: Evaluation, model: nn.Module,
                           bundle: DataBundle, dl: dict[str, Any]) -> dict[str, Any]:

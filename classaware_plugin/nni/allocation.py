@@ -77,6 +77,7 @@ def width_search(model: nn.Module, example_inputs: Any, target: float, objective
     candidates pruned from copies by L1 norm and sped up, BatchNorm statistics re-estimated on ``adapt_loader``,
     judged by ``objective``."""
     import copy
+    import itertools
 
     from ..core.allocation import WidthSearch
     from ..core.training import recalibrate_batchnorm
@@ -85,9 +86,11 @@ def width_search(model: nn.Module, example_inputs: Any, target: float, objective
     units = prunable_units(model)
     dense_macs = count_params_macs(model, example_inputs)[1]
 
-    def adapt(pruned: nn.Module) -> None:
-        if adapt_loader is not None:
-            recalibrate_batchnorm(pruned, adapt_loader, adapt_batches)
+    batches = list(itertools.islice(adapt_loader, adapt_batches)) if adapt_loader is not None else []
+
+    def adapt(pruned: nn.Module) -> None:  # the same batches for every candidate (see the Torch-Pruning search)
+        if batches:
+            recalibrate_batchnorm(pruned, batches, len(batches))
 
     return WidthSearch(units, lambda a: prune_to_allocation(copy.deepcopy(model), example_inputs, units, a),
                        lambda m: dense_macs / max(count_params_macs(m, example_inputs)[1], 1), objective, adapt, target,

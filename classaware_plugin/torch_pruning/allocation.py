@@ -10,6 +10,7 @@ search (:class:`~classaware_plugin.core.allocation.WidthSearch`) driven by Torch
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -76,7 +77,8 @@ def width_search(model: nn.Module, example_inputs: torch.Tensor, target: float, 
                  **search_kwargs: Any) -> WidthSearch:
     """The width search on ``model`` (left as it is) for ``target``x fewer MACs, ready to ``run()`` (or to
     ``load_state_dict`` a saved one first): candidates pruned from copies by magnitude, BatchNorm statistics
-    re-estimated on ``adapt_batches`` batches of ``adapt_loader`` (adaptive BN), judged by ``objective`` (e.g.
+    re-estimated on the first ``adapt_batches`` batches of ``adapt_loader``, the same for every candidate (adaptive
+    BN), judged by ``objective`` (e.g.
     :func:`~classaware_plugin.core.allocation.important_class_objective` on the selection split). ``search_kwargs``
     go to :class:`~classaware_plugin.core.allocation.WidthSearch`."""
     units = prunable_units(model, example_inputs, ignored_layers)
@@ -93,9 +95,13 @@ def width_search(model: nn.Module, example_inputs: torch.Tensor, target: float, 
     def reduction(pruned: nn.Module) -> float:
         return dense_macs / max(count_params_macs(pruned, example_inputs)[1], 1)
 
+    # every candidate's BatchNorm statistics come from the same batches: a fair comparison, and a resumed search
+    # re-estimates them exactly as an uninterrupted one
+    batches = list(itertools.islice(adapt_loader, adapt_batches)) if adapt_loader is not None else []
+
     def adapt(pruned: nn.Module) -> None:
-        if adapt_loader is not None:
-            recalibrate_batchnorm(pruned, adapt_loader, adapt_batches)
+        if batches:
+            recalibrate_batchnorm(pruned, batches, len(batches))
 
     return WidthSearch(units, prune, reduction, objective, adapt, target, **search_kwargs)
 
