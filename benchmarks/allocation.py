@@ -35,7 +35,6 @@ from classaware_plugin.cli.job import Job, load_data, loaders
 from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
 from classaware_plugin.core.allocation import accuracy_objective, important_class_objective
 from classaware_plugin.core.calibration import last_linear
-from classaware_plugin.core.training import recalibrate_batchnorm
 from classaware_plugin.export import atomic_write_text
 from classaware_plugin.measure import count_params_macs
 from classaware_plugin.torch_pruning import RoundingMetaPruner, accumulate_gradients
@@ -91,7 +90,7 @@ def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3
     for k in range(candidates):
         weights, _ = search._weights()
         allocation, model, reduction = search._scaled(weights)
-        recalibrate_batchnorm(model, s["dl"]["train"], 50)
+        search.adapt(model)  # the search's own adaptive BN: the same 50 training batches for every candidate
         cheap = {f"cheap_{o}": fn(model) for o, fn in objective.items()}
         _finetune(s, model, level, 5000 + k)
         rows.append({"candidate": k, "reduction": reduction, **cheap, **_test_metrics(s, model)})
