@@ -160,7 +160,7 @@ class FNGuarantee:
         max_accuracy_drop: accuracy guard on the selection split (``None``: off); it is not part of the guarantee.
         operating_point: ``'argmax'`` or ``'calibrated'`` (the smallest non-negative shift of the important classes'
             logits, chosen on the selection split, that brings them to the screen's limit; the shift is part of the
-            certified model and must be folded into it: :func:`~classaware_plugin.core.calibration.fold_shifts`).
+            certified model and must be folded into it: ``calibrate(model, loader, classes, shifts=...)``).
 
     Example:
         >>> g = FNGuarantee([3], max_fn_rate=0.2)
