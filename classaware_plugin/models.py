@@ -7,15 +7,21 @@ and ``mlp`` for tabular data. A model can also be named ``package.module:callabl
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from .core.validation import ClassAwareError, Constraint, Interval, check_num_classes, check_number_list, check_params
+from .core.validation import (
+    ClassAwareError, Constraint, Interval, check_choice, check_num_classes, check_number_list, check_params,
+)
+
+log = logging.getLogger(__name__)
 
 
 class BasicBlock(nn.Module):
@@ -122,20 +128,36 @@ MODEL_PARAMETERS: dict[str, dict[str, Constraint]] = {
 MAX_INPUT_ELEMENTS = 64 * 1024 * 1024
 """The largest input (elements per sample) a model is built for."""
 
-MODEL_DESCRIPTIONS: dict[str, str] = {
-    "cifar_resnet": "ResNet-(6n+2) for small images (He et al.); kwargs depth (8, 14, 20, ...), width",
-    "resnet18": "torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (8-64 px inputs)",
-    "mobilenet_v2": "torchvision MobileNetV2 with a stride-1 stem; kwargs width_mult",
-    "mlp": "a multi-layer perceptron on flattened inputs (tables); kwargs hidden (layer widths)",
-}
-"""What each built-in model is (the configuration reference prints it)."""
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: its builder, what it takes from the data (``image``: ``in_channels = input_shape[0]`` of a
+    (channels, height, width) input; ``flat``: ``in_features`` = the product of ``input_shape``) and a description."""
 
-MODELS: dict[str, Callable[..., nn.Module]] = {
-    "cifar_resnet": cifar_resnet,
-    "resnet18": resnet18,
-    "mobilenet_v2": mobilenet_v2,
-    "mlp": mlp,
-}
+    builder: Callable[..., nn.Module]
+    inputs: str
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+"""The models ``build_model`` and the CLI's ``model.name`` know, by name (:func:`register_model`)."""
+
+
+def register_model(name: str, builder: Callable[..., nn.Module], inputs: str = "image", description: str = "") -> None:
+    """Make ``builder(num_classes=, in_channels=, **kwargs)`` (``inputs="image"``) or ``builder(num_classes=,
+    in_features=, **kwargs)`` (``inputs="flat"``) available as ``name``. A name registered twice is replaced, with a
+    warning."""
+    check_choice("inputs", inputs, ("image", "flat"))
+    if name in MODELS:
+        log.warning("model %r registered again: the new builder replaces %r", name, MODELS[name].builder)
+    MODELS[name] = ModelEntry(builder, inputs, description)
+
+
+register_model("cifar_resnet", cifar_resnet, "image",
+               "ResNet-(6n+2) for small images (He et al.); kwargs depth (8, 14, 20, ...), width")
+register_model("resnet18", resnet18, "image",
+               "torchvision ResNet-18 with a 3x3 stride-1 stem and no max-pool (8-64 px inputs)")
+register_model("mobilenet_v2", mobilenet_v2, "image", "torchvision MobileNetV2 with a stride-1 stem; kwargs width_mult")
+register_model("mlp", mlp, "flat", "a multi-layer perceptron on flattened inputs (tables); kwargs hidden (layer widths)")
 
 
 def build_model(name: str, num_classes: int, input_shape: Sequence[int], /, **kwargs: Any) -> nn.Module:
@@ -150,7 +172,7 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int], /, **kw
     if math.prod(input_shape) > MAX_INPUT_ELEMENTS:
         raise ClassAwareError(f"The 'input_shape' parameter {input_shape} has more than {MAX_INPUT_ELEMENTS:,} elements "
                               "per sample.")
-    if name in MODELS and name != "mlp" and len(input_shape) != 3:
+    if name in MODELS and MODELS[name].inputs == "image" and len(input_shape) != 3:
         raise ClassAwareError(f"The 'input_shape' parameter must be (channels, height, width) for {name!r}. Got "
                               f"{input_shape}.")
     if ":" in name:
@@ -161,12 +183,9 @@ def build_model(name: str, num_classes: int, input_shape: Sequence[int], /, **kw
             raise ClassAwareError(f"Cannot import model {name!r}: {e}") from e
         args: dict[str, Any] = {"num_classes": num_classes}
     elif name in MODELS:
-        fn = MODELS[name]
-        if name == "mlp":
-            in_features = 1
-            for d in input_shape:
-                in_features *= int(d)
-            args = {"num_classes": num_classes, "in_features": in_features}
+        fn = MODELS[name].builder
+        if MODELS[name].inputs == "flat":
+            args = {"num_classes": num_classes, "in_features": math.prod(input_shape)}
         else:
             args = {"num_classes": num_classes, "in_channels": int(input_shape[0])}
     else:

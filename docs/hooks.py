@@ -49,13 +49,13 @@ def configuration_reference() -> str:
 def registries() -> str:
     """The data sets and models ``data.name`` and ``model.name`` accept, from their registries."""
     from classaware_plugin.data import DATASETS
-    from classaware_plugin.models import MODEL_DESCRIPTIONS
+    from classaware_plugin.models import MODELS
 
     lines = ["| `data.name` | what it is | `data` keys it reads |", "|---|---|---|"]
     lines += [f"| `{n}` | {e.description} | {', '.join(f'`{k}`' for k in e.config) or '-'} |"
               for n, e in sorted(DATASETS.items())]
     lines += ["", "| `model.name` | what it is |", "|---|---|"]
-    lines += [f"| `{n}` | {d} |" for n, d in sorted(MODEL_DESCRIPTIONS.items())]
+    lines += [f"| `{n}` | {e.description} |" for n, e in sorted(MODELS.items())]
     lines.append("| `package.module:callable` | your own builder, called with `num_classes` and `model.kwargs` |")
     return "\n".join(lines) + "\n"
 

@@ -19,6 +19,7 @@ from ..core.scores import available_scores, score_class, score_options, validate
 from ..core.training import TRAIN_PARAMETERS, Distillation, EarlyStopping
 from ..core.validation import ClassAwareError, Constraint, InstanceOf, Interval, Options, check_class_keys
 from ..data import DATASETS, IMAGE_SIZE
+from ..models import MODELS
 from ..speed import ROUND_TO_CONSTRAINT, LatencyProbe
 
 BACKENDS = tuple(FRAMEWORKS)  # the structured backends; unstructured pruning is plain PyTorch
@@ -61,6 +62,20 @@ class Device:
         return "`auto`, `cpu`, `cuda` or `cuda:N`"
 
 
+class ModelName:
+    """``model.name``: a registered model, or ``package.module:callable``."""
+
+    nullable = False
+
+    def check(self, name: str, value: Any, what: str = "configuration key") -> Any:
+        if not isinstance(value, str) or (value not in MODELS and ":" not in value):
+            raise ClassAwareError(f"The {what} '{name}' must be {self.describe()}. Got {value!r} instead.")
+        return value
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(sorted(MODELS)) + ", or package.module:callable (your own builder)"
+
+
 class ScoreOption:
     """An option of the chosen score (``pruning.omega``, ...): checked by the score itself in :func:`validate`
     (each score declares its own), described here by every score that has it."""
@@ -91,7 +106,7 @@ KEYS: dict[str, Constraint] = {
     "data.train_limit": Interval(100, integer=True, nullable=True),
     "data.batch_size": Interval(1, integer=True),
     "important_classes": ClassList(),
-    "model.name": InstanceOf((str,)),
+    "model.name": ModelName(),
     "model.checkpoint": InstanceOf((str,), nullable=True),
     "model.kwargs": InstanceOf((dict,)),
     "training.epochs": TRAIN_PARAMETERS["epochs"], "training.lr": TRAIN_PARAMETERS["lr"],
