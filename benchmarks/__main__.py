@@ -71,6 +71,9 @@ def main() -> None:
                         "class-agnostic sweeps held to the same guarantee (results/guarantee.md)")
     gu.add_argument("--data", nargs="*", choices=["fashion", "digits", "cancer", "mobilenet"], metavar="DATA")
     gu.add_argument("--seeds", type=int, nargs="*", help="seeds (default 0-9)")
+    gu.add_argument("--rules", nargs="*", choices=["certified", "count", "certified_no_bn", "certified_stated",
+                                                   "tp_taylor_sweep", "nni_l1_sweep"], metavar="RULE",
+                    help="only these rules (default: all)")
     gu.add_argument("--out", type=Path)
     gu.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     al = sub.add_parser("allocation", help="issue 32: does a width search judged by the important class buy anything? "
@@ -136,7 +139,8 @@ def _dispatch(args: argparse.Namespace) -> None:
     elif args.cmd == "guarantee":
         from .guarantee import DATA as G_DATA, SEEDS, run as run_guarantee
 
-        run_guarantee(out, tuple(args.data or G_DATA), tuple(args.seeds if args.seeds is not None else SEEDS))
+        run_guarantee(out, tuple(args.data or G_DATA), tuple(args.seeds if args.seeds is not None else SEEDS),
+                      tuple(args.rules) if args.rules else None)
         return
     elif args.cmd == "allocation":
         from .allocation import DATA as A_DATA, run as run_allocation

@@ -55,16 +55,17 @@ FASHION = ["data.name=fashion_mnist", "important_classes=[Shirt]", "data.keep_fr
            "model.kwargs={depth: 8, width: 16}", "pruning.finetune_epochs=1.0"]
 DATA: dict[str, dict[str, Any]] = {
     # data set -> the job's --set overrides and whether the class-agnostic sweep runs (convolutional models)
-    "fashion": {"sets": FASHION, "sweep": True},
-    "digits": {"sets": [], "sweep": True},
+    "fashion": {"sets": FASHION, "sweep": True, "stated": 0.5},
+    "digits": {"sets": [], "sweep": True, "stated": 0.3},
     "cancer": {"sets": ["data.name=breast_cancer", "important_classes=[0]", "data.keep_fraction=0.5", "model.name=mlp",
                         "model.kwargs={hidden: [64, 32]}", "training.epochs=60", "pruning.granularity=unstructured",
-                        "pruning.target_sparsity=0.95", "pruning.finetune_epochs=10"], "sweep": False},
+                        "pruning.target_sparsity=0.95", "pruning.finetune_epochs=10"], "sweep": False, "stated": 0.3},
     # MobileNetV2 learns nothing from digits in the default 15 epochs (10% accuracy): digits_mobilenet_protocol's
     # dense budget (30 cosine epochs at 3e-3, no early stopping) and fine-tuning rate (2e-3)
     "mobilenet": {"sets": ["data.image_size=32", "data.channels=3", "model.name=mobilenet_v2",
                            "model.kwargs={width_mult: 0.5}", "training.epochs=30", "training.lr=0.003",
-                           "training.schedule=cosine", "training.patience=null", "pruning.lr=0.002"], "sweep": True},
+                           "training.schedule=cosine", "training.patience=null", "pruning.lr=0.002"], "sweep": True,
+                  "stated": 0.5},
 }
 COMMON = ["pruning.target_macs_reduction=4.0", "export.onnx=false"]
 SEEDS = tuple(range(10))
@@ -75,6 +76,9 @@ RULES = {
     # the certified rule without the BatchNorm re-estimation after fine-tuning (the default before issue 31's item 4):
     # what steadier steps change in attempts, time and compression
     "certified_no_bn": ["constraint.rule=certified", "pruning.bn_batches=0"],
+    # a stated budget (DATA[name]["stated"]) instead of the derived one: the guarantee where it binds (a dense model
+    # that misses most of a rare class at argmax derives a loose budget; calibrated steps then sit far below it)
+    "certified_stated": ["constraint.rule=certified"],
 }
 """The job runs of every data set and seed: rule name -> the --set overrides that make it."""
 SWEEPS = ("tp_taylor", "nni_l1")
@@ -103,7 +107,8 @@ def _fn_rate(report_part: dict[str, Any], c: int) -> float:
 
 def run_rule(name: str, seed: int, rule: str) -> dict[str, Any]:
     """The CLI job under ``rule`` on the seed's dense model; one row."""
-    cfg = config(name, seed, [*RULES[rule], f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    stated = [f"constraint.max_fn_rate={DATA[name]['stated']}"] if rule == "certified_stated" else []
+    cfg = config(name, seed, [*RULES[rule], *stated, f"model.checkpoint={dense_checkpoint(name, seed)}"])
     run_dir = prepare_run_dir(CACHE / f"{name}_{seed}" / rule, force=True)
     t, cpu = time.time(), time.process_time()
     report = Job(cfg, run_dir, progress=False).run()
@@ -274,7 +279,8 @@ def table(summary: dict[str, Any]) -> str:
 
 
 LABELS = {"certified": "certified rule (ours)", "count": "count rule (before)",
-          "certified_no_bn": "certified, no BatchNorm re-estimation", "tp_taylor_sweep": "TP Taylor sweep, certified",
+          "certified_no_bn": "certified, no BatchNorm re-estimation", "certified_stated": "certified, stated budget",
+          "tp_taylor_sweep": "TP Taylor sweep, certified",
           "nni_l1_sweep": "NNI L1 sweep, certified"}
 
 
@@ -328,14 +334,17 @@ def write(out: Path, rows: list[dict[str, Any]]) -> None:
     plot(summary, out / "guarantee.png")
 
 
-def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...]) -> None:
+def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...], rules: tuple[str, ...] | None = None) -> None:
+    """Every rule (default: all of :data:`RULES` and the sweeps) on every data set and seed, skipping rows already in
+    ``guarantee/raw.jsonl``; then the summary of every row there."""
     raw = out / "guarantee" / "raw.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
     done = {(r["data"], r["seed"], r["rule"]) for r in rows}
     for name in names:
         for seed in seeds:
-            todo = [*RULES, *(f"{m}_sweep" for m in SWEEPS if DATA[name]["sweep"])]
+            todo = [r for r in (*RULES, *(f"{m}_sweep" for m in SWEEPS if DATA[name]["sweep"]))
+                    if rules is None or r in rules]
             for rule in todo:
                 if (name, seed, rule) in done:
                     continue
