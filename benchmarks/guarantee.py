@@ -126,7 +126,7 @@ def run_rule(name: str, seed: int, rule: str) -> dict[str, Any]:
     reached = ([r[key] for r in report["history"] if r["decision"] == "accept"] or [1.0 if key != "sparsity" else 0.0])[-1]
     test_rate = _fn_rate(report["pruned"], c)
     return {"data": name, "seed": seed, "rule": rule, "budget": budget, "upper_bound": upper,
-            "certified": bool(con["satisfied"]), "test_fn_rate": test_rate, "violated": test_rate > budget + 1e-12,
+            "certified": bool(con["satisfied"]), "test_fn_rate": test_rate,
             "dense_test_fn_rate": _fn_rate(report["dense"], c),
             "more_fn_than_dense": report["pruned"]["fn"][str(c)] > report["dense"]["fn"][str(c)],
             "compression_key": key, "compression": reached, "accuracy": report["pruned"]["accuracy"],
@@ -225,7 +225,7 @@ def run_sweep(name: str, seed: int, method: str) -> dict[str, Any]:
     dense_y, dense_z = predict(dense, dl["test"])
     dense_rate = float((dense_z[dense_y == c].argmax(1) != c).mean())
     row.update({"upper_bound": kept[3][c].upper_bound if kept else None, "certified": kept is not None,
-                "test_fn_rate": test_rate, "violated": bool(kept) and test_rate > budgets[c].max_fn_rate + 1e-12,
+                "test_fn_rate": test_rate,
                 "dense_test_fn_rate": dense_rate, "more_fn_than_dense": bool(test_rate > dense_rate),
                 "compression": kept[0] if kept else 1.0, "accuracy": float((z.argmax(1) == y).mean()),
                 "dense_accuracy": float((dense_z.argmax(1) == dense_y).mean())})
@@ -241,6 +241,17 @@ def binomial_interval(k: int, n: int, level: float = 0.95) -> tuple[float, float
     return low, high
 
 
+def promised(row: dict[str, Any]) -> bool:
+    """Whether the run delivered a promise: the count rule always states its budget as kept; a certified rule or sweep
+    only when a model was certified (otherwise it returns the dense model and says that nothing is certified)."""
+    return row["rule"] == "count" or bool(row["certified"])
+
+
+def violated(row: dict[str, Any]) -> bool:
+    """A promise broken on the test split: the delivered model's test FN rate above its stated budget."""
+    return promised(row) and row["test_fn_rate"] > row["budget"] + 1e-12
+
+
 def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     groups = [(d, r) for d in [*DATA, "all"] for r in [*RULES, *(f"{m}_sweep" for m in SWEEPS)]]
@@ -248,10 +259,12 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         rs = [r for r in rows if r["rule"] == rule and (data == "all" or r["data"] == data)]
         if not rs:
             continue
-        k = sum(r["violated"] for r in rs)
-        low, high = binomial_interval(k, len(rs))
+        n = sum(promised(r) for r in rs)
+        k = sum(violated(r) for r in rs)
+        low, high = binomial_interval(k, n) if n else (0.0, 1.0)
         out[f"{data}/{rule}"] = {
-            "runs": len(rs), "violations": k, "violation_share": k / len(rs), "ci_low": low, "ci_high": high,
+            "runs": len(rs), "promises": n, "violations": k, "violation_share": k / n if n else 0.0, "ci_low": low,
+            "ci_high": high,
             "more_fn_than_dense": sum(r["more_fn_than_dense"] for r in rs),
             "certified": sum(r["certified"] for r in rs),
             "median_compression": float(np.median([r["compression"] for r in rs])),
@@ -265,13 +278,14 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def table(summary: dict[str, Any]) -> str:
-    lines = ["| data / rule | runs | test FN rate > budget (95% CI) | more test FN than dense | certified | "
+    lines = ["| data / rule | runs (with a promise) | test FN rate > budget, of those (95% CI) | more test FN than dense | "
+             "certified | "
              "mean budget | mean test FN rate | median compression | median CPU s | median attempts | accuracy |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for key, s in summary.items():
         attempts = "-" if s["median_attempts"] is None else f"{s['median_attempts']:.0f}"
         lines.append(
-            f"| {key} | {s['runs']} | {s['violations']} ({100 * s['violation_share']:.0f}%, "
+            f"| {key} | {s['runs']} ({s['promises']}) | {s['violations']} ({100 * s['violation_share']:.0f}%, "
             f"{100 * s['ci_low']:.0f}-{100 * s['ci_high']:.0f}%) | {s['more_fn_than_dense']} | {s['certified']} | "
             f"{s['mean_budget']:.3f} | {s['mean_test_fn_rate']:.3f} | {s['median_compression']:.2f} | "
             f"{s['median_cpu_seconds']:.0f} | {attempts} | {100 * s['mean_accuracy']:.1f}% |")
@@ -350,7 +364,7 @@ def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...], rules: tuple[
                     continue
                 row = run_rule(name, seed, rule) if rule in RULES else run_sweep(name, seed, rule[: -len("_sweep")])
                 log.info("%s seed %d %s: budget %.3f, test FN rate %.3f (%s), compression %.2f, %.0f CPU s", name,
-                         seed, rule, row["budget"], row["test_fn_rate"], "VIOLATED" if row["violated"] else "ok",
+                         seed, rule, row["budget"], row["test_fn_rate"], "VIOLATED" if violated(row) else "ok",
                          row["compression"], row["cpu_seconds"])
                 with raw.open("a") as f:
                     f.write(json.dumps(row) + "\n")
