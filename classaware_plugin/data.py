@@ -368,6 +368,8 @@ def load_dataset(name: str, **kwargs: Any) -> DataBundle:
               "channels": Options((1, 3)), "train_limit": Interval(1, integer=True, nullable=True),
               "val_fraction": Interval(0.0, 1.0, low_open=True, high_open=True)}
     check_params(common, kwargs)
+    if "important" in kwargs and kwargs["important"] is None:  # None means the data set's own default
+        kwargs = {k: v for k, v in kwargs.items() if k != "important"}
     if kwargs.get("important"):
         check_int_list("important", kwargs["important"], low=0, high=None)
     bundle = DATASETS[name].loader(**kwargs)

@@ -355,6 +355,7 @@ def test_build_model(name, num_classes, input_shape, width):
        image_size=maybe(st.none() | st.integers(4, 32)), extra=st.sampled_from([{}, {"foo": 1}, {"train_limit": 0}]))
 @example(name="digits", keep_fraction=1.0, seed=0, important=[3], image_size=0, extra={})
 @example(name="digits", keep_fraction=1.0, seed=0, important=[3], image_size=None, extra={"foo": 1})
+@example(name="digits", keep_fraction=0.5, seed=0, important=None, image_size=None, extra={})  # found: None crashed
 def test_load_dataset(name, keep_fraction, seed, important, image_size, extra):
     kw = dict(keep_fraction=keep_fraction, seed=seed, important=important, **extra)
     if name == "digits":
