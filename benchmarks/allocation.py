@@ -33,7 +33,7 @@ from scipy import stats
 
 from classaware_plugin.cli.job import Job, load_data, loaders
 from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
-from classaware_plugin.core.allocation import accuracy_objective, important_class_objective
+from classaware_plugin.core.allocation import accuracy_objective, important_class_auc_objective, important_class_objective
 from classaware_plugin.core.calibration import last_linear
 from classaware_plugin.export import atomic_write_text
 from classaware_plugin.measure import count_params_macs
@@ -83,6 +83,7 @@ def _test_metrics(s: dict[str, Any], model: torch.nn.Module) -> dict[str, float]
 def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3.0) -> dict[str, Any]:
     s = _setup(name, seed) | {"name": name, "seed": seed}
     objective = {"important": important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]}),
+                 "important_auc": important_class_auc_objective(s["dl"]["val"], s["important"]),
                  "accuracy": accuracy_objective(s["dl"]["val"])}
     search = width_search(s["dense"], s["example"], level, objective["important"], s["dl"]["train"], 50,
                           round_to=s["cfg"]["pruning"]["round_to"], candidates=candidates, mutation=0.0, seed=seed)
@@ -98,7 +99,8 @@ def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3
                  rows[-1]["fn_at_dense_fpr"], rows[-1]["accuracy"])
     rho = {}
     for cheap_key, final_key, sign in (("cheap_important", "fn_at_dense_fpr", -1), ("cheap_accuracy", "accuracy", 1),
-                                       ("cheap_important", "accuracy", 1), ("cheap_accuracy", "fn_at_dense_fpr", -1)):
+                                       ("cheap_important_auc", "fn_at_dense_fpr", -1), ("cheap_important", "accuracy", 1),
+                                       ("cheap_accuracy", "fn_at_dense_fpr", -1)):
         r = stats.spearmanr([x[cheap_key] for x in rows], [sign * x[final_key] for x in rows])
         rho[f"{cheap_key} vs {final_key}"] = {"spearman": float(r.statistic), "p": float(r.pvalue)}
     return {"data": name, "seed": seed, "level": level, "candidates": rows, "spearman": rho}

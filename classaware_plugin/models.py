@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .core.distributed import model_device
 from .core.validation import (
     ClassAwareError, Constraint, Interval, check_choice, check_num_classes, check_number_list, check_params,
 )
@@ -229,7 +230,7 @@ def check_output_width(model: nn.Module, num_classes: int, input_shape: Sequence
     was = model.training
     model.eval()
     try:
-        out = model(torch.zeros(2, *input_shape, device=next(model.parameters()).device))
+        out = model(torch.zeros(2, *input_shape, device=model_device(model)))
     finally:
         model.train(was)
     if out.ndim != 2 or out.shape[1] != num_classes:

@@ -7,12 +7,17 @@ import torch
 from torch import nn
 
 from classaware_plugin.core import ClassAwareError
-from classaware_plugin.core.allocation import Unit, WidthSearch, accuracy_objective
+from classaware_plugin.core.allocation import Unit, WidthSearch, accuracy_objective, important_class_auc_objective, important_class_objective
 
 from .helpers import toy_loader
 
 UNITS = [Unit("a", 10), Unit("b", 20), Unit("c", 40)]
 COST = {"a": 1.0, "b": 2.0, "c": 4.0}
+
+
+class _Negate(nn.Module):
+    def forward(self, x):
+        return -x
 
 
 class Pruned(nn.Module):
@@ -82,6 +87,22 @@ def test_the_objectives_read_the_loader_they_are_given():
     model = TinyNet().eval()
     acc = accuracy_objective(toy_loader())(model)
     assert 0.0 <= acc <= 1.0
+
+
+def test_the_auc_objective_is_graded_where_the_fn_rate_at_the_dense_fpr_ties():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    y = torch.arange(3).repeat(20)
+    x = torch.nn.functional.one_hot(y, 3).float() + 0.1 * torch.randn(60, 3, generator=torch.Generator().manual_seed(0))
+    loader = DataLoader(TensorDataset(x, y), batch_size=16)
+    auc = important_class_auc_objective(loader, [1])
+    fn_rate = important_class_objective(loader, [1], {1: 0.0})
+    perfect, weak = nn.Identity(), nn.Linear(3, 3, bias=False)
+    with torch.no_grad():  # class 1's logit: a little of the true signal, mostly class 0's
+        weak.weight.copy_(torch.tensor([[1.0, 0, 0], [1.0, 0.3, 0], [0, 0, 1.0]]))
+    assert auc(perfect) == 1.0 and fn_rate(perfect) == 0.0
+    assert 0.5 < auc(weak) < 1.0  # still separates class 1 from class 2, not from class 0
+    assert auc(nn.Sequential(nn.Identity(), _Negate())) < 0.1  # reversed scores rank last
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning

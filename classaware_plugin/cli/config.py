@@ -129,7 +129,7 @@ KEYS: dict[str, Constraint] = {
     "pruning.target_sparsity": Interval(0.0, 1.0, low_open=True, high_open=True),
     "pruning.round_to": ROUND_TO_CONSTRAINT,
     "pruning.allocation": Options(("uniform", "global", "search")),
-    "pruning.search_objective": Options(("important", "accuracy")),
+    "pruning.search_objective": Options(("important", "important_auc", "accuracy")),
     "pruning.search_candidates": WidthSearch.PARAMETERS["candidates"],
     "pruning.search_batches": Interval(1, integer=True),
     "pruning.step": FNConstrainedPruning.PARAMETERS["step"],

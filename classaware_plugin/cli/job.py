@@ -31,7 +31,7 @@ from ..core.loss import ClassDependentLoss
 from ..core.metrics import Evaluation, evaluate_predictions, fn_at_fpr, fpr_of, predict
 from ..core.training import Distillation, EarlyStopping, recalibrate_batchnorm, train
 from ..backends import create_backend, width_search
-from ..core.allocation import accuracy_objective, important_class_objective
+from ..core.allocation import accuracy_objective, important_class_auc_objective, important_class_objective
 from ..data import DATASETS, DataBundle, labels_of, load_dataset
 from ..export import atomic_save, atomic_write_text, cpu_copy, export_onnx, leftover_temp_files, save_model
 from ..files import CheckpointError, load_checkpoint, load_model, load_object
@@ -279,6 +279,8 @@ class Job:
             return json.loads(done.read_text())
         if p["search_objective"] == "important":
             objective = important_class_objective(dl["val"], important, {c: fpr_of(dense_val, c) for c in important})
+        elif p["search_objective"] == "important_auc":
+            objective = important_class_auc_objective(dl["val"], important)
         else:
             objective = accuracy_objective(dl["val"])
         example = torch.zeros(2, *bundle.input_shape, device=self.device)

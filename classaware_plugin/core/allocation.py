@@ -80,6 +80,25 @@ def important_class_objective(loader: Any, important_classes: Sequence[int],
     return objective
 
 
+def important_class_auc_objective(loader: Any, important_classes: Sequence[int]) -> Callable[[nn.Module], float]:
+    """The important classes' mean one-vs-rest ROC AUC (softmax score of the class) on ``loader``. Higher is better.
+
+    A graded form of :func:`important_class_objective`: a candidate that, before any fine-tuning, misses every case
+    at the dense model's false-positive rate (often so after a large cut) still ranks by how well it separates the
+    class, where the FN rate ties at 1."""
+    from scipy.special import softmax
+    from sklearn.metrics import roc_auc_score
+
+    from .metrics import predict
+
+    def objective(model: nn.Module) -> float:
+        labels, logits = predict(model, loader)
+        prob = softmax(np.asarray(logits, dtype=np.float64), axis=1)
+        return float(np.mean([roc_auc_score(labels == c, prob[:, c]) for c in important_classes]))
+
+    return objective
+
+
 def accuracy_objective(loader: Any) -> Callable[[nn.Module], float]:
     """Overall accuracy on ``loader``: the class-agnostic control (EagleEye's objective)."""
     from .metrics import predict

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import model_device
 from .statistics import BucketStatistics, bucket_masks
 from .validation import run_model
 
@@ -120,7 +121,7 @@ class ChannelFisher(BucketStatistics):
 
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate one batch: one forward and one backward (activation gradients only)."""
-        device = next(model.parameters()).device
+        device = model_device(model)
         inputs, targets = self._batch(inputs, targets, device)
         if not self.modules_:
             gates, self.gate_of_ = find_gates(model, inputs[:2])

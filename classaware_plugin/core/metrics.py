@@ -219,7 +219,7 @@ def predict(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.nda
     check_loader("loader", loader, model)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = distributed.model_device(model)
     ys, outs = [], []
     try:
         for i, batch in enumerate(loader, start=1):

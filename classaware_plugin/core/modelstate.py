@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .distributed import model_device
 from .validation import ClassAwareError, check_batch, check_non_empty_loader, run_model
 
 
@@ -43,7 +44,7 @@ def infer_num_classes(model: nn.Module, batches: Iterable[Any]) -> int:
     model.eval()
     try:
         with torch.no_grad():
-            out = run_model(model, first[0][:2].to(next(model.parameters()).device), 1, what="calibration batch")
+            out = run_model(model, first[0][:2].to(model_device(model)), 1, what="calibration batch")
     finally:
         model.train(was)
     if not isinstance(out, torch.Tensor) or out.ndim != 2:

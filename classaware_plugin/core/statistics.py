@@ -348,7 +348,7 @@ class WeightStatistics(BucketStatistics):
     def update(self, model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor) -> None:
         """Accumulate one batch (one forward, one backward per bucket present in the batch)."""
         self._begin(lambda: parameterised_modules(model))
-        device = next(model.parameters()).device
+        device = distributed.model_device(model)
         inputs, targets = self._batch(inputs, targets, device)
         tracked = [(m, n, p) for _, m in self.modules_ for n, p in m.named_parameters(recurse=False) if p.requires_grad]
         masks = bucket_masks(targets, self.important_classes)

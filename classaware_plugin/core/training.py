@@ -143,7 +143,7 @@ def recalibrate_batchnorm(model: nn.Module, loader: Iterable[Any], batches: int)
         return
     momenta = [m.momentum for m in norms]
     was_training = model.training
-    device = next(model.parameters()).device
+    device = distributed.model_device(model)
     try:
         for m in norms:
             m.reset_running_stats()
@@ -168,7 +168,7 @@ def validation_loss(model: nn.Module, loader: Iterable[Any],
     check_loader("loader", loader, model)
     was_training = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = distributed.model_device(model)
     total, n = 0.0, 0
     try:
         for x, y in loader:
@@ -242,7 +242,7 @@ def train(
     if masks is not None:
         masks.apply()
         masks.attach(opt)
-    device = next(model.parameters()).device
+    device = distributed.model_device(model)
     n_batches = len(loader)  # type: ignore[arg-type]
     total = max(1, int(round(epochs * n_batches))) if epochs > 0 else 0
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(total, 1)) if schedule == "cosine" else None

@@ -274,7 +274,9 @@ def check_loader(name: str, loader: Any, model: Any = None, num_classes: int | N
     model.eval()
     try:
         with torch.no_grad():
-            device = next(model.parameters()).device
+            from .distributed import model_device  # distributed imports this module
+
+            device = model_device(model)
             out = run_model(model, x[:2].to(device), 1, what=f"'{name}' batch")
     finally:
         model.train(was_training)

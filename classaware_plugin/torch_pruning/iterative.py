@@ -18,6 +18,7 @@ from torch import nn
 
 from ..core.validation import ClassAwareError, Interval, check_important_classes, check_loader, check_number
 from ..core.calibration import last_linear
+from ..core.distributed import model_device
 from ..core.channels import rounded_channels
 from ..core.controller import ControllerResult, FNConstrainedPruning, FNConstraint, NothingToPrune, StepRecord
 from ..core.guarantee import FNGuarantee, split_for_certification
@@ -247,7 +248,7 @@ def accumulate_gradients(model: nn.Module, loader: Iterable[Any], max_batches: i
     model.zero_grad(set_to_none=True)
     was = model.training
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     for i, (x, y) in enumerate(loader):
         if max_batches is not None and i >= max_batches:
             break
