@@ -42,6 +42,7 @@ from classaware_plugin.cli.job import Job, load_data, loaders, prepare_run_dir
 from classaware_plugin.core import evaluate, predict
 from classaware_plugin.core.calibration import last_linear
 from classaware_plugin.core.guarantee import FNGuarantee, shifted
+from classaware_plugin.core.validation import ClassAwareError
 from classaware_plugin.data import labels_of
 from classaware_plugin.export import atomic_write_text
 from classaware_plugin.measure import count_params_macs
@@ -111,7 +112,10 @@ def run_rule(name: str, seed: int, rule: str) -> dict[str, Any]:
     cfg = config(name, seed, [*RULES[rule], *stated, f"model.checkpoint={dense_checkpoint(name, seed)}"])
     run_dir = prepare_run_dir(CACHE / f"{name}_{seed}" / rule, force=True)
     t, cpu = time.time(), time.process_time()
-    report = Job(cfg, run_dir, progress=False).run()
+    try:
+        report = Job(cfg, run_dir, progress=False).run()
+    except ClassAwareError as e:  # e.g. a derived budget of 1 (a dense model that misses nearly every case)
+        return refused_row(name, seed, rule, str(e), time.time() - t, time.process_time() - cpu)
     seconds, cpu = time.time() - t, time.process_time() - cpu
     c = report["constraint"]["important_classes"][0]
     con = report["constraint"]
@@ -181,6 +185,29 @@ def prune_to(method: str, dense: nn.Module, level: float, example: torch.Tensor,
     return best
 
 
+def _nothing_pruned(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The compression of the dense model, in the run's measure (sparsity when unstructured, else MACs reduction)."""
+    unstructured = cfg["pruning"]["granularity"] == "unstructured"
+    return {"compression_key": "sparsity" if unstructured else "macs_reduction", "compression": 0.0 if unstructured else 1.0}
+
+
+def refused_row(name: str, seed: int, rule: str, message: str, seconds: float, cpu: float) -> dict[str, Any]:
+    """The row of a run the job refused before pruning (it says why, and nothing is promised): the dense model's."""
+    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    bundle, important = load_data(cfg)
+    dl = loaders(bundle, cfg)
+    dense = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False).dense_model(bundle, important, dl).eval()
+    y, z = predict(dense, dl["test"])
+    rate = float((z[y == important[0]].argmax(1) != important[0]).mean())
+    log.info("%s seed %d %s refused: %s", name, seed, rule, message)
+    return {"data": name, "seed": seed, "rule": rule, "budget": 1.0, "upper_bound": None, "certified": False,
+            "test_fn_rate": rate, "dense_test_fn_rate": rate, "more_fn_than_dense": False,
+            **_nothing_pruned(cfg),
+            "accuracy": float((z.argmax(1) == y).mean()), "dense_accuracy": float((z.argmax(1) == y).mean()),
+            "attempts": 0, "stop_reason": "refused", "refused": message, "seconds": round(seconds, 1),
+            "cpu_seconds": round(cpu, 1)}
+
+
 def run_sweep(name: str, seed: int, method: str) -> dict[str, Any]:
     """The class-agnostic recipe at a sweep of fixed levels, held to the certified rule's guarantee; one row."""
     cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
@@ -193,10 +220,13 @@ def run_sweep(name: str, seed: int, method: str) -> dict[str, Any]:
     assert isinstance(rule, FNGuarantee)
     dense_sel = evaluate(dense, dl["val"], important, bundle.num_classes)
     cert_labels = labels_of(dl["cert"].dataset)
-    budgets = rule.budgets(dense_sel.fn, dense_sel.support, {k: int((cert_labels == k).sum()) for k in important})
+    t, cpu = time.time(), time.process_time()
+    try:
+        budgets = rule.budgets(dense_sel.fn, dense_sel.support, {k: int((cert_labels == k).sum()) for k in important})
+    except ClassAwareError as e:  # the budget the certified rule would refuse: held to the same refusal
+        return refused_row(name, seed, f"{method}_sweep", str(e), time.time() - t, time.process_time() - cpu)
     p = cfg["pruning"]
     example = torch.zeros(2, *bundle.input_shape)
-    t, cpu = time.time(), time.process_time()
     kept: tuple[float, nn.Module, dict[int, float], Any] | None = None
     levels: list[dict[str, Any]] = []
     for level in SWEEP_LEVELS:
