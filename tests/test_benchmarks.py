@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from benchmarks.methods import structured_steps
@@ -252,3 +253,24 @@ def test_a_seed_with_every_row_done_loads_neither_data_nor_a_dense_model(tmp_pat
     with pytest.raises(RuntimeError, match="stop"):
         harness.run_suite(suite, tmp_path)
     assert loaded == [1]
+
+
+def test_guarantee_summary_counts_violations_over_promises_and_pairs_on_shared_seeds(tmp_path):
+    from benchmarks.guarantee import paired, summarize as summarize_guarantee, write
+
+    def row(seed, rule, certified, test_rate, compression, budget=0.3, cpu=10.0, attempts=4):
+        return {"data": "digits", "seed": seed, "rule": rule, "budget": budget, "certified": certified,
+                "test_fn_rate": test_rate, "more_fn_than_dense": False, "compression_key": "macs_reduction",
+                "compression": compression, "accuracy": 0.9, "cpu_seconds": cpu, "attempts": attempts}
+
+    rows = [row(0, "certified", True, 0.2, 4.0), row(1, "certified", True, 0.4, 5.0),
+            row(2, "certified", False, 0.9, 1.0),  # certified nothing: the dense model, no promise, above the budget
+            row(0, "count", False, 0.35, 6.0, cpu=20.0), row(1, "count", True, 0.1, 2.5, cpu=20.0)]
+    s = summarize_guarantee(rows)
+    assert (s["digits/certified"]["runs"], s["digits/certified"]["promises"], s["digits/certified"]["violations"]) == (3, 2, 1)
+    assert (s["digits/count"]["promises"], s["digits/count"]["violations"]) == (2, 1)  # the count rule always promises
+    p = paired(rows)["digits: certified vs count"]
+    assert p["seeds"] == 2 and p["median_compression_ratio"] == np.median([4.0 / 6.0, 5.0 / 2.5])
+    assert p["median_cpu_ratio"] == 0.5
+    write(tmp_path, rows)
+    assert "certified vs count" in (tmp_path / "guarantee.md").read_text() and (tmp_path / "guarantee.png").exists()
