@@ -408,8 +408,9 @@ def plot(summary: dict[str, Any], path: Path) -> None:
         ax.set_xticks(range(len(names)), names)
         ax.set_title(title)
         ax.set_ylabel(ylabel)
-    left.legend(fontsize=8)
-    fig.tight_layout()
+    handles, labels = left.get_legend_handles_labels()  # below both panels: inside, it hid the bars
+    fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
     plt.close(fig)
 
