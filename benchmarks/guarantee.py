@@ -199,11 +199,12 @@ def refused_row(name: str, seed: int, rule: str, message: str, seconds: float, c
     dense = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False).dense_model(bundle, important, dl).eval()
     y, z = predict(dense, dl["test"])
     rate = float((z[y == important[0]].argmax(1) != important[0]).mean())
+    accuracy = float((z.argmax(1) == y).mean())
     log.info("%s seed %d %s refused: %s", name, seed, rule, message)
     return {"data": name, "seed": seed, "rule": rule, "budget": 1.0, "upper_bound": None, "certified": False,
             "test_fn_rate": rate, "dense_test_fn_rate": rate, "more_fn_than_dense": False,
             **_nothing_pruned(cfg),
-            "accuracy": float((z.argmax(1) == y).mean()), "dense_accuracy": float((z.argmax(1) == y).mean()),
+            "accuracy": accuracy, "dense_accuracy": accuracy,
             "attempts": 0, "stop_reason": "refused", "refused": message, "seconds": round(seconds, 1),
             "cpu_seconds": round(cpu, 1)}
 

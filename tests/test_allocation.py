@@ -103,6 +103,9 @@ def test_the_auc_objective_is_graded_where_the_fn_rate_at_the_dense_fpr_ties():
     assert auc(perfect) == 1.0 and fn_rate(perfect) == 0.0
     assert 0.5 < auc(weak) < 1.0  # still separates class 1 from class 2, not from class 0
     assert auc(nn.Sequential(nn.Identity(), _Negate())) < 0.1  # reversed scores rank last
+    only_others = DataLoader(TensorDataset(x[y != 1], y[y != 1]), batch_size=16)
+    with pytest.raises(ClassAwareError, match="important class 1"):
+        important_class_auc_objective(only_others, [1])(perfect)
 
 
 # ----------------------------------------------------------------------------- Torch-Pruning

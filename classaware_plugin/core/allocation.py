@@ -94,6 +94,11 @@ def important_class_auc_objective(loader: Any, important_classes: Sequence[int])
     def objective(model: nn.Module) -> float:
         labels, logits = predict(model, loader)
         prob = softmax(np.asarray(logits, dtype=np.float64), axis=1)
+        for c in important_classes:
+            if not 0 < int((labels == c).sum()) < len(labels):
+                raise ClassAwareError(f"The 'loader' parameter must hold samples of important class {c} and of other "
+                                      "classes for an AUC. It holds "
+                                      f"{int((labels == c).sum())} of {len(labels)}.")
         return float(np.mean([roc_auc_score(labels == c, prob[:, c]) for c in important_classes]))
 
     return objective
