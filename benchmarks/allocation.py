@@ -224,8 +224,16 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
     raw.parent.mkdir(parents=True, exist_ok=True)
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
     dense_path = out / "allocation" / "dense.json"
-    dense = {tuple(k.split("|")[0:1]) + (int(k.split("|")[1]),): v
-             for k, v in (json.loads(dense_path.read_text()) if dense_path.exists() else {}).items()}
+
+    def read_dense() -> dict[tuple[str, int], dict[str, float]]:  # every process's entries (they add their own)
+        saved = json.loads(dense_path.read_text()) if dense_path.exists() else {}
+        return {(k.split("|")[0], int(k.split("|")[1])): v for k, v in saved.items()}
+
+    def save_dense(key: tuple[str, int], value: dict[str, float]) -> None:  # merged, not overwritten
+        merged = read_dense() | {key: value}
+        atomic_write_text(dense_path, json.dumps({f"{k[0]}|{k[1]}": v for k, v in merged.items()}, indent=1))
+
+    dense = read_dense()
     for name in names:
         for seed in seeds:
             todo = [(lv, m) for lv in levels for m in METHODS
@@ -235,7 +243,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                 continue
             s = _setup(name, seed) | {"name": name, "seed": seed}
             dense[(name, seed)] = _test_metrics(s, s["dense"])
-            atomic_write_text(dense_path, json.dumps({f"{k[0]}|{k[1]}": v for k, v in dense.items()}, indent=1))
+            save_dense((name, seed), dense[(name, seed)])
             for level, method in todo:
                 row = compare_one(s, level, method)
                 log.info("%s seed %d %gx %s: FN at dense FPR %d (dense %d), accuracy %.3f, %.0f s", name, seed, level,
@@ -245,6 +253,10 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
-    summary = summarize(rows, dense)
+    dense = read_dense()
+    for key in sorted({(r["suite"], r["seed"]) for r in rows} - set(dense)):  # lost by an older concurrent writer
+        s = _setup(*key) | {"name": key[0], "seed": key[1]}
+        save_dense(key, _test_metrics(s, s["dense"]))
+    summary = summarize(rows, read_dense())
     atomic_write_text(out / "allocation.json", json.dumps({"rows": summary, "runs": rows}, indent=1))
     atomic_write_text(out / "allocation.md", table(summary))
