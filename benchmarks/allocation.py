@@ -31,7 +31,7 @@ import torch
 import torch_pruning as tp
 from scipy import stats
 
-from classaware_plugin.cli.job import Job, load_data, loaders
+from classaware_plugin.cli.job import Job
 from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
 from classaware_plugin.core.allocation import accuracy_objective, important_class_auc_objective, important_class_objective
 from classaware_plugin.core.calibration import last_linear
@@ -40,7 +40,7 @@ from classaware_plugin.measure import count_params_macs
 from classaware_plugin.torch_pruning import RoundingMetaPruner, accumulate_gradients
 from classaware_plugin.torch_pruning.allocation import prune_to_allocation, width_search
 
-from .guarantee import CACHE as GUARANTEE_CACHE, config, dense_checkpoint, prune_to
+from .guarantee import config, prune_to, seed_setup
 from .methods import structured_steps
 from .summarize import paired_difference
 
@@ -52,15 +52,11 @@ CLASS_AGNOSTIC = ("tp_taylor", "nni_l1")
 
 def _setup(name: str, seed: int) -> dict[str, Any]:
     """The seed's data (the certified rule's splits), its dense model and what every measurement needs."""
-    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
-    bundle, important = load_data(cfg)
-    dl = loaders(bundle, cfg)
-    job = Job(cfg, GUARANTEE_CACHE / f"{name}_{seed}" / "dense", progress=False)
-    dense = job.dense_model(bundle, important, dl).eval()
+    cfg, bundle, important, dl, job, dense = seed_setup(name, seed)
     c = important[0]
     fpr = fpr_of(evaluate(dense, dl["val"], important, bundle.num_classes), c)
-    return {"cfg": cfg, "bundle": bundle, "important": important, "c": c, "dl": dl, "job": job, "dense": dense,
-            "fpr": fpr, "example": torch.zeros(2, *bundle.input_shape)}
+    return {"name": name, "seed": seed, "cfg": cfg, "bundle": bundle, "important": important, "c": c, "dl": dl,
+            "job": job, "dense": dense, "fpr": fpr, "example": torch.zeros(2, *bundle.input_shape)}
 
 
 def _finetune(s: dict[str, Any], model: torch.nn.Module, level: float, key: int) -> None:
@@ -81,7 +77,7 @@ def _test_metrics(s: dict[str, Any], model: torch.nn.Module) -> dict[str, float]
 
 # ----------------------------------------------------------------------------- correlation
 def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3.0) -> dict[str, Any]:
-    s = _setup(name, seed) | {"name": name, "seed": seed}
+    s = _setup(name, seed)
     objective = {"important": important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]}),
                  "important_auc": important_class_auc_objective(s["dl"]["val"], s["important"]),
                  "accuracy": accuracy_objective(s["dl"]["val"])}
@@ -241,7 +237,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                                for r in rows)]
             if not todo and (name, seed) in dense:
                 continue
-            s = _setup(name, seed) | {"name": name, "seed": seed}
+            s = _setup(name, seed)
             dense[(name, seed)] = _test_metrics(s, s["dense"])
             save_dense((name, seed), dense[(name, seed)])
             for level, method in todo:
@@ -255,7 +251,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
     rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
     dense = read_dense()
     for key in sorted({(r["suite"], r["seed"]) for r in rows} - set(dense)):  # lost by an older concurrent writer
-        s = _setup(*key) | {"name": key[0], "seed": key[1]}
+        s = _setup(*key)
         save_dense(key, _test_metrics(s, s["dense"]))
     summary = summarize(rows, read_dense())
     atomic_write_text(out / "allocation.json", json.dumps({"rows": summary, "runs": rows}, indent=1))

@@ -102,6 +102,15 @@ def dense_checkpoint(name: str, seed: int) -> Path:
     return path
 
 
+def seed_setup(name: str, seed: int) -> tuple[dict[str, Any], Any, list[int], dict[str, Any], Job, nn.Module]:
+    """The seed's configuration, data (the certified rule's splits), loaders, dense job and cached dense model."""
+    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
+    bundle, important = load_data(cfg)
+    dl = loaders(bundle, cfg)
+    job = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False)
+    return cfg, bundle, important, dl, job, job.dense_model(bundle, important, dl).eval()
+
+
 def _fn_rate(report_part: dict[str, Any], c: int) -> float:
     return report_part["fn"][str(c)] / report_part["support"][str(c)]
 
@@ -193,10 +202,7 @@ def _nothing_pruned(cfg: dict[str, Any]) -> dict[str, Any]:
 
 def refused_row(name: str, seed: int, rule: str, message: str, seconds: float, cpu: float) -> dict[str, Any]:
     """The row of a run the job refused before pruning (it says why, and nothing is promised): the dense model's."""
-    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
-    bundle, important = load_data(cfg)
-    dl = loaders(bundle, cfg)
-    dense = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False).dense_model(bundle, important, dl).eval()
+    cfg, bundle, important, dl, _, dense = seed_setup(name, seed)
     y, z = predict(dense, dl["test"])
     rate = float((z[y == important[0]].argmax(1) != important[0]).mean())
     accuracy = float((z.argmax(1) == y).mean())
@@ -211,12 +217,8 @@ def refused_row(name: str, seed: int, rule: str, message: str, seconds: float, c
 
 def run_sweep(name: str, seed: int, method: str) -> dict[str, Any]:
     """The class-agnostic recipe at a sweep of fixed levels, held to the certified rule's guarantee; one row."""
-    cfg = config(name, seed, [f"model.checkpoint={dense_checkpoint(name, seed)}"])
-    bundle, important = load_data(cfg)
-    dl = loaders(bundle, cfg)
+    cfg, bundle, important, dl, job, dense = seed_setup(name, seed)
     c = important[0]
-    job = Job(cfg, CACHE / f"{name}_{seed}" / "dense", progress=False)
-    dense = job.dense_model(bundle, important, dl).eval()  # the cached dense.pt
     rule = make_constraint(cfg, important)
     assert isinstance(rule, FNGuarantee)
     dense_sel = evaluate(dense, dl["val"], important, bundle.num_classes)
