@@ -8,6 +8,12 @@ batches; the important class's FN rate at the dense FPR and the accuracy, on the
 the budget the iterative loop spends to reach 3x, and measured on the test split. The rank correlation (Spearman) of
 the cheap score with the fine-tuned result says whether a search over it can find anything.
 
+``repeatability``: how much of the fine-tuned result the allocation decides at all. 8 random candidates at 3x
+(drawn as the search draws them), each fine-tuned 4 times from the same pruned weights with different fine-tuning
+seeds; a one-way analysis of variance splits the test FN's spread into between allocations and within (fine-tuning
+noise). If the allocation explains little of it, no cheap score (and no search) can find an allocation that keeps
+the important class better, however good the score.
+
 ``compare``: (a) the class-aware search, (b) the same search judging accuracy, (c) Torch-Pruning's GroupTaylor with
 global ranking, (d) NNI's L1 with the same fraction of every layer; one shot to each MACs level (2x, 3x, 5x), the same
 channel criterion in (a)-(c) (GroupTaylor within layers), the same fine-tuning budget for all. Reported: the important
@@ -15,6 +21,7 @@ class's test FN at the dense FPR, the excess over the dense model's, accuracy, A
 better of (c) and (d) with 95% intervals, and the search's share of the wall time.
 
     python -m benchmarks allocation correlation [--data digits fashion] [--threads 1]
+    python -m benchmarks allocation repeatability [--data digits fashion] [--threads 1]
     python -m benchmarks allocation compare [--data digits fashion] [--seeds 0 1 2 3 4] [--levels 2 3 5]
 """
 from __future__ import annotations
@@ -100,6 +107,63 @@ def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3
         r = stats.spearmanr([x[cheap_key] for x in rows], [sign * x[final_key] for x in rows])
         rho[f"{cheap_key} vs {final_key}"] = {"spearman": float(r.statistic), "p": float(r.pvalue)}
     return {"data": name, "seed": seed, "level": level, "candidates": rows, "spearman": rho}
+
+
+def repeatability(name: str, seed: int = 0, candidates: int = 8, repeats: int = 4, level: float = 3.0,
+                  rows: list[dict[str, Any]] | None = None, on_row: Any = None) -> dict[str, Any]:
+    """How much of the fine-tuned important-class FN the allocation decides: ``candidates`` random allocations at
+    ``level`` (drawn as the search draws them), each fine-tuned ``repeats`` times from the same pruned weights with
+    different fine-tuning seeds (data order, augmentation). A one-way analysis of variance splits the spread of the
+    test FN into between allocations and within (fine-tuning noise). ICC(1) is the share of the variance that the
+    allocation explains; ``sqrt(ICC)`` bounds the correlation any score of an allocation can have with one
+    fine-tuned outcome. ``rows`` (earlier rows of this data set) are kept and not recomputed."""
+    s = _setup(name, seed)
+    search = width_search(s["dense"], s["example"], level, lambda m: 0.0, s["dl"]["train"], 50,
+                          round_to=s["cfg"]["pruning"]["round_to"], candidates=candidates, mutation=0.0, seed=seed)
+    rows = list(rows or [])
+    for k in range(candidates):
+        weights, _ = search._weights()  # drawn for every k, so that a resumed run sees the same candidates
+        if sum(r["candidate"] == k for r in rows) >= repeats:
+            continue
+        _, pruned, reduction = search._scaled(weights)
+        for r in range(repeats):
+            if any(x["candidate"] == k and x["repeat"] == r for x in rows):
+                continue
+            model = copy.deepcopy(pruned)
+            _finetune(s, model, level, 7000 + 100 * k + r)
+            rows.append({"candidate": k, "repeat": r, "reduction": reduction, **_test_metrics(s, model)})
+            log.info("%s candidate %d repeat %d: %.2fx, fine-tuned FN %d, accuracy %.3f", name, k, r, reduction,
+                     rows[-1]["fn_at_dense_fpr"], rows[-1]["accuracy"])
+            if on_row is not None:
+                on_row(rows)
+    return {"data": name, "seed": seed, "level": level, "rows": rows,
+            **{key: variance_split(rows, key) for key in ("fn_at_dense_fpr", "accuracy")}}
+
+
+def variance_split(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
+    """One-way ANOVA of ``key`` by candidate: the between- and within-candidate standard deviations, F and its p
+    value, ICC(1) (the share of the variance between candidates, floored at 0) and its 95% interval (Shrout and
+    Fleiss, from the F distribution)."""
+    groups = [np.array([r[key] for r in rows if r["candidate"] == k], dtype=float)
+              for k in sorted({r["candidate"] for r in rows})]
+    groups = [g for g in groups if len(g) >= 2]
+    n = min(len(g) for g in groups)
+    groups = [g[:n] for g in groups]  # balanced: the same number of repeats per candidate
+    a = len(groups)
+    msb = n * np.var([g.mean() for g in groups], ddof=1)
+    msw = float(np.mean([np.var(g, ddof=1) for g in groups]))
+    f = msb / msw if msw > 0 else float("inf")
+    p = float(stats.f.sf(f, a - 1, a * (n - 1)))
+
+    def icc(fv: float) -> float:
+        return float(max(0.0, (fv - 1) / (fv + n - 1)))
+
+    f_low = f / stats.f.ppf(0.975, a - 1, a * (n - 1))
+    f_high = f * stats.f.ppf(0.975, a * (n - 1), a - 1)
+    sd_between = float(np.sqrt(max(0.0, (msb - msw) / n)))
+    return {"candidates": a, "repeats": n, "sd_within": float(np.sqrt(msw)), "sd_between": sd_between,
+            "sd_of_means": float(np.std([g.mean() for g in groups], ddof=1)), "F": float(f), "p": p,
+            "icc": icc(f), "icc_low": icc(f_low), "icc_high": icc(f_high)}
 
 
 # ----------------------------------------------------------------------------- comparison
@@ -215,6 +279,31 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                 cheap, final = pair.split(" vs ")
                 lines.append(f"| {name} | {cheap} | {final} | {v['spearman']:+.2f} | {v['p']:.3f} |")
         atomic_write_text(out / "allocation_correlation.md", "\n".join(lines) + "\n")
+        return
+    if mode == "repeatability":
+        path = out / "allocation_repeatability.json"
+        done = json.loads(path.read_text()) if path.exists() else {}
+
+        def save(name: str, rows: list[dict[str, Any]]) -> None:
+            saved = json.loads(path.read_text()) if path.exists() else {}  # other processes' data sets kept
+            atomic_write_text(path, json.dumps(saved | {name: {"rows": rows}}, indent=1))
+
+        for name in names:
+            res = repeatability(name, rows=done.get(name, {}).get("rows"), on_row=lambda rows, n=name: save(n, rows))
+            saved = json.loads(path.read_text()) if path.exists() else {}
+            atomic_write_text(path, json.dumps(saved | {name: res}, indent=1))
+        done = json.loads(path.read_text())
+        lines = ["| data | fine-tuned result | candidates x repeats | SD within (fine-tuning) | SD between "
+                 "(allocation) | F (p) | ICC (95% CI) | max correlation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+        for name, res in done.items():
+            if "fn_at_dense_fpr" not in res:
+                continue
+            for key in ("fn_at_dense_fpr", "accuracy"):
+                v, scale = res[key], (100 if key == "accuracy" else 1)
+                lines.append(f"| {name} | {key} | {v['candidates']} x {v['repeats']} | {scale * v['sd_within']:.2f} | "
+                             f"{scale * v['sd_between']:.2f} | {v['F']:.2f} ({v['p']:.3f}) | {v['icc']:.2f} "
+                             f"({v['icc_low']:.2f}-{v['icc_high']:.2f}) | {np.sqrt(v['icc']):.2f} |")
+        atomic_write_text(out / "allocation_repeatability.md", "\n".join(lines) + "\n")
         return
     raw = out / "allocation" / "raw.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)

@@ -274,3 +274,21 @@ def test_guarantee_summary_counts_violations_over_promises_and_pairs_on_shared_s
     assert p["median_cpu_ratio"] == 0.5
     write(tmp_path, rows)
     assert "certified vs count" in (tmp_path / "guarantee.md").read_text() and (tmp_path / "guarantee.png").exists()
+
+
+def test_variance_split_tells_allocation_from_fine_tuning_noise():
+    from benchmarks.allocation import variance_split
+
+    rng = np.random.default_rng(0)
+    # the allocation decides everything: candidate means 10 apart, fine-tuning noise of SD 1
+    decided = [{"candidate": k, "repeat": r, "fn": 10 * k + rng.normal()} for k in range(8) for r in range(4)]
+    v = variance_split(decided, "fn")
+    assert (v["candidates"], v["repeats"]) == (8, 4)
+    assert v["icc"] > 0.99 and v["p"] < 1e-6 and 0.5 < v["sd_within"] < 1.5 and 20 < v["sd_between"] < 30
+    # the allocation decides nothing: the same distribution for every candidate
+    noise = [{"candidate": k, "repeat": r, "fn": rng.normal()} for k in range(8) for r in range(4)]
+    v = variance_split(noise, "fn")
+    assert v["icc_low"] == 0.0 and v["icc"] < 0.5 and v["icc_low"] <= v["icc"] <= v["icc_high"] < 1
+    # an unfinished candidate (one repeat) is left out; the others are cut to the same number of repeats
+    v = variance_split(decided + [{"candidate": 9, "repeat": 0, "fn": 0.0}], "fn")
+    assert v["candidates"] == 8
