@@ -4,7 +4,7 @@ python -m benchmarks speed [--models NAME ...] [--out DIR]; python -m benchmarks
 python -m benchmarks throughput [--nproc N ...] [--models NAME ...] [--device auto|cpu|cuda];
 python -m benchmarks dense-loss [--suite NAME ...] [--out DIR]; python -m benchmarks noise [--data NAME ...];
 python -m benchmarks guarantee [--data NAME ...] [--seeds N ...];
-python -m benchmarks allocation correlation|repeatability|compare [--data NAME ...] [--seeds N ...] [--levels X ...]"""
+python -m benchmarks allocation correlation|repeatability|compare|latency [--data NAME ...] [--seeds N ...] [--levels X ...]"""
 from __future__ import annotations
 
 import argparse
@@ -78,7 +78,7 @@ def main() -> None:
     gu.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     al = sub.add_parser("allocation", help="issue 32: does a width search judged by the important class buy anything? "
                         "(results/allocation_correlation.md, results/allocation.md)")
-    al.add_argument("mode", choices=["correlation", "repeatability", "compare"])
+    al.add_argument("mode", choices=["correlation", "repeatability", "compare", "latency"])
     al.add_argument("--data", nargs="*", choices=["digits", "fashion"], metavar="DATA")
     al.add_argument("--seeds", type=int, nargs="*", help="compare: seeds (default 0-4)")
     al.add_argument("--levels", type=float, nargs="*", help="compare: MACs reductions (default 2 3 5)")

@@ -14,6 +14,9 @@ seeds; a one-way analysis of variance splits the test FN's spread into between a
 noise). If the allocation explains little of it, no cheap score (and no search) can find an allocation that keeps
 the important class better, however good the score.
 
+``latency``: the latency objective (the fastest candidate, in measured onnxruntime speed-up, among those whose
+important-class FN is within global ranking's) against Torch-Pruning's global ranking at the same MACs level.
+
 ``compare``: (a) the class-aware search, (b) the same search judging accuracy, (c) Torch-Pruning's GroupTaylor with
 global ranking, (d) NNI's L1 with the same fraction of every layer; one shot to each MACs level (2x, 3x, 5x), the same
 channel criterion in (a)-(c) (GroupTaylor within layers), the same fine-tuning budget for all. Reported: the important
@@ -23,6 +26,7 @@ better of (c) and (d) with 95% intervals, and the search's share of the wall tim
     python -m benchmarks allocation correlation [--data digits fashion] [--threads 1]
     python -m benchmarks allocation repeatability [--data digits fashion] [--threads 1]
     python -m benchmarks allocation compare [--data digits fashion] [--seeds 0 1 2 3 4] [--levels 2 3 5]
+    python -m benchmarks allocation latency --data fashion --seeds 0 1 2 --levels 3 --threads 1   # alone: it times
 """
 from __future__ import annotations
 
@@ -221,6 +225,59 @@ def compare_one(s: dict[str, Any], level: float, method: str) -> dict[str, Any]:
             "search_seconds": round(search_seconds, 1), **info}
 
 
+def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
+    """The latency objective against global ranking at ``level``x fewer MACs (run alone: it times). Global ranking
+    (GroupTaylor) prunes to the level; its important-class FN rate at the dense FPR after adaptive BN (on the
+    selection split, the search's cheap measure) is the bound. The search then keeps, among candidates at the same
+    MACs level within that bound, the one with the highest measured onnxruntime speed-up (batch 64, interleaved with
+    the dense model). Both are fine-tuned with the same budget; rows carry their onnxruntime speed-ups at batch 64
+    and 1 (re-measured, 30 repeats) and the test metrics."""
+    from classaware_plugin.core.allocation import latency_objective
+    from classaware_plugin.speed import LatencyProbe, speedup
+
+    s = _setup(name, seed)
+    p = s["cfg"]["pruning"]
+    probe = LatencyProbe(s["dense"], s["bundle"].input_shape, batch_size=64, runtime="onnxruntime")
+    cheap_fn = important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]})
+    search = width_search(s["dense"], s["example"], level, cheap_fn, s["dl"]["train"], 50, round_to=p["round_to"],
+                          candidates=p["search_candidates"], seed=seed)
+    t = time.time()
+    global_model = _prune_global_taylor(s, level)
+    global_seconds = time.time() - t
+    adapted = copy.deepcopy(global_model)
+    search.adapt(adapted)
+    bound = -cheap_fn(adapted)
+    search.objective = latency_objective(lambda m: 1.0 / probe(m), lambda m: -cheap_fn(m), bound)
+    t = time.time()
+    result = search.run()
+    search_seconds = time.time() - t
+    rows = []
+    if result.best.score == float("-inf"):  # no candidate within the bound: the search keeps global ranking's
+        log.info("%s seed %d %gx: no searched candidate within the FN bound %.3f", name, seed, level, bound)
+    searched = copy.deepcopy(s["dense"])
+    accumulate_gradients(searched, s["dl"]["calib"], p["calib_batches"])
+    prune_to_allocation(searched, s["example"], result.best.allocation, importance=tp.importance.GroupTaylorImportance(),
+                        round_to=p["round_to"])
+    searched.zero_grad(set_to_none=True)
+    within = sum(c.score > float("-inf") for c in result.candidates)
+    for method, model, seconds in (("search_latency", searched, search_seconds), ("tp_taylor", global_model,
+                                                                                 global_seconds)):
+        speed = {f"speedup_b{b}": speedup(s["dense"], model, s["bundle"].input_shape, batch_size=b,
+                                          runtimes=("onnxruntime",), repeats=30)["onnxruntime"]["speedup"]
+                 for b in (64, 1)}
+        reached = count_params_macs(s["dense"], s["example"])[1] / count_params_macs(model, s["example"])[1]
+        _finetune(s, model, level, 9000 + int(level * 10))
+        rows.append({"suite": name, "model": s["cfg"]["model"]["name"], "level": level, "method": method,
+                     "seed": seed, "reached": reached, **speed, **_test_metrics(s, model), "fn_bound": bound,
+                     "search_seconds": round(seconds, 1),
+                     **({"within_bound": within, "candidates": len(result.candidates),
+                         "search_speedup": -1.0 / result.best.score if within else None}
+                        if method == "search_latency" else {})})
+        log.info("%s seed %d %gx %s: onnxruntime speed-up %.2f (batch 64), %.2f (batch 1), FN at dense FPR %d",
+                 name, seed, level, method, speed["speedup_b64"], speed["speedup_b1"], rows[-1]["fn_at_dense_fpr"])
+    return rows
+
+
 def summarize(rows: list[dict[str, Any]], dense: dict[tuple[str, int], dict[str, float]]) -> list[dict[str, Any]]:
     """One row per suite, level and method, as issue 32 asks, with the paired comparison against the better
     class-agnostic method (lower mean excess FN)."""
@@ -266,6 +323,28 @@ def table(summary: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def latency_table(rows: list[dict[str, Any]]) -> str:
+    """Per suite and level: each method's mean onnxruntime speed-ups and test metrics, and the searched allocation's
+    speed-up over global ranking's (the ratio per seed, then its mean and range)."""
+    lines = ["| suite | level | method | seeds | reached | speed-up, batch 64 | speed-up, batch 1 | FN at dense FPR | "
+             "accuracy | searched / global speed-up, batch 64 (range) |", "|---|---:|---|---:|---:|---:|---:|---:|---:|---|"]
+    for suite in dict.fromkeys(r["suite"] for r in rows):
+        for level in sorted({r["level"] for r in rows if r["suite"] == suite}):
+            by = {m: {r["seed"]: r for r in rows if r["suite"] == suite and r["level"] == level and r["method"] == m}
+                  for m in ("search_latency", "tp_taylor")}
+            shared = sorted(set(by["search_latency"]) & set(by["tp_taylor"]))
+            ratios = [by["search_latency"][k]["speedup_b64"] / by["tp_taylor"][k]["speedup_b64"] for k in shared]
+            for m, rs in by.items():
+                v = list(rs.values())
+                ratio = (f"{np.mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
+                         if m == "search_latency" and ratios else "-")
+                lines.append(f"| {suite} | {level:g}x | {m} | {len(v)} | {np.mean([r['reached'] for r in v]):.2f} | "
+                             f"{np.mean([r['speedup_b64'] for r in v]):.2f} | {np.mean([r['speedup_b1'] for r in v]):.2f} "
+                             f"| {np.mean([r['fn_at_dense_fpr'] for r in v]):.1f} | "
+                             f"{100 * np.mean([r['accuracy'] for r in v]):.1f}% | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
 def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], levels: tuple[float, ...]) -> None:
     if mode == "correlation":
         path = out / "allocation_correlation.json"
@@ -304,6 +383,21 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                              f"{scale * v['sd_between']:.2f} | {v['F']:.2f} ({v['p']:.3f}) | {v['icc']:.2f} "
                              f"({v['icc_low']:.2f}-{v['icc_high']:.2f}) | {np.sqrt(v['icc']):.2f} |")
         atomic_write_text(out / "allocation_repeatability.md", "\n".join(lines) + "\n")
+        return
+    if mode == "latency":
+        path = out / "allocation" / "latency.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        for name in names:
+            for seed in seeds:
+                for level in levels:
+                    if any(r["suite"] == name and r["seed"] == seed and r["level"] == level for r in rows):
+                        continue
+                    new = latency_compare(name, seed, level)
+                    with path.open("a") as f:
+                        f.writelines(json.dumps(r) + "\n" for r in new)
+                    rows += new
+        atomic_write_text(out / "allocation_latency.md", latency_table(rows))
         return
     raw = out / "allocation" / "raw.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
