@@ -79,7 +79,7 @@ def main() -> None:
     al = sub.add_parser("allocation", help="issue 32: does a width search judged by the important class buy anything? "
                         "(results/allocation_correlation.md, results/allocation.md)")
     al.add_argument("mode", choices=["correlation", "repeatability", "compare", "latency"])
-    al.add_argument("--data", nargs="*", choices=["digits", "fashion"], metavar="DATA")
+    al.add_argument("--data", nargs="*", choices=["digits", "fashion", "mobilenet"], metavar="DATA")
     al.add_argument("--seeds", type=int, nargs="*", help="compare: seeds (default 0-4)")
     al.add_argument("--levels", type=float, nargs="*", help="compare: MACs reductions (default 2 3 5)")
     al.add_argument("--out", type=Path)

@@ -1,6 +1,7 @@
 """Does choosing how many channels each layer keeps, by the important class's own metric, buy anything? (issue 32)
 
-Two measurements, on the guarantee benchmark's dense models (the CLI job's, one per data set and seed, cached):
+Measurements on the guarantee benchmark's dense models (the CLI job's, one per data set and seed, cached; ``digits``
+and ``fashion``: ResNet-8, ``mobilenet``: MobileNetV2 0.5x on digits at 32x32):
 
 ``correlation`` (first, as the issue asks): 32 random candidates of per-layer widths at 3x fewer MACs (Torch-Pruning
 units, channels by magnitude), each scored as the search scores it (BatchNorm statistics re-estimated on 50 training
@@ -25,7 +26,7 @@ better of (c) and (d) with 95% intervals, and the search's share of the wall tim
 
     python -m benchmarks allocation correlation [--data digits fashion] [--threads 1]
     python -m benchmarks allocation repeatability [--data digits fashion] [--threads 1]
-    python -m benchmarks allocation compare [--data digits fashion] [--seeds 0 1 2 3 4] [--levels 2 3 5]
+    python -m benchmarks allocation compare [--data digits fashion mobilenet] [--seeds 0 1 2 3 4] [--levels 2 3 5]
     python -m benchmarks allocation latency --data fashion --seeds 0 1 2 --levels 3 --threads 1   # alone: it times
 """
 from __future__ import annotations
@@ -56,7 +57,7 @@ from .methods import structured_steps
 from .summarize import paired_difference
 
 log = logging.getLogger("benchmarks")
-DATA = ("digits", "fashion")
+DATA = ("digits", "fashion", "mobilenet")  # guarantee.DATA names; mobilenet: MobileNetV2 0.5x on digits at 32x32
 METHODS = ("search_classaware", "search_accuracy", "tp_taylor", "nni_l1")
 CLASS_AGNOSTIC = ("tp_taylor", "nni_l1")
 
