@@ -234,7 +234,7 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
     (GroupTaylor) prunes to the level; its important-class FN rate at the dense FPR after adaptive BN (on the
     selection split, the search's cheap measure) is the bound. The search then keeps, among candidates at the same
     MACs level within that bound, the one with the highest measured onnxruntime speed-up (batch 64, interleaved with
-    the dense model). Both are fine-tuned with the same budget; rows carry their onnxruntime speed-ups at batch 64
+    the dense model); where no candidate is within the bound it falls back to global ranking's model. Both are fine-tuned with the same budget; rows carry their onnxruntime speed-ups at batch 64
     and 1 (re-measured, 30 repeats) and the test metrics."""
     from classaware_plugin.core.allocation import latency_objective
     from classaware_plugin.speed import LatencyProbe, speedup
@@ -256,14 +256,16 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
     result = search.run()
     search_seconds = time.time() - t
     rows = []
-    if result.best.score == float("-inf"):  # no candidate within the bound: the search keeps global ranking's
-        log.info("%s seed %d %gx: no searched candidate within the FN bound %.3f", name, seed, level, bound)
-    searched = copy.deepcopy(s["dense"])
-    accumulate_gradients(searched, s["dl"]["calib"], p["calib_batches"])
-    prune_to_allocation(searched, s["example"], result.best.allocation, importance=tp.importance.GroupTaylorImportance(),
-                        round_to=p["round_to"])
-    searched.zero_grad(set_to_none=True)
     within = sum(c.score > float("-inf") for c in result.candidates)
+    if not within:  # no candidate as good for the important class: the search falls back to global ranking's model
+        log.info("%s seed %d %gx: no searched candidate within the FN bound %.3f", name, seed, level, bound)
+        searched = copy.deepcopy(global_model)
+    else:
+        searched = copy.deepcopy(s["dense"])
+        accumulate_gradients(searched, s["dl"]["calib"], p["calib_batches"])
+        prune_to_allocation(searched, s["example"], result.best.allocation,
+                            importance=tp.importance.GroupTaylorImportance(), round_to=p["round_to"])
+        searched.zero_grad(set_to_none=True)
     for method, model, seconds in (("search_latency", searched, search_seconds), ("tp_taylor", global_model,
                                                                                  global_seconds)):
         speed = {f"speedup_b{b}": speedup(s["dense"], model, s["bundle"].input_shape, batch_size=b,
