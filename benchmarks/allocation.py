@@ -47,6 +47,7 @@ from classaware_plugin.cli.job import Job
 from classaware_plugin.core import evaluate, fn_at_fpr, fpr_of, predict
 from classaware_plugin.core.allocation import accuracy_objective, important_class_auc_objective, important_class_objective
 from classaware_plugin.core.calibration import last_linear
+from classaware_plugin.core.validation import ClassAwareError
 from classaware_plugin.export import atomic_write_text
 from classaware_plugin.measure import count_params_macs
 from classaware_plugin.torch_pruning import RoundingMetaPruner, accumulate_gradients
@@ -253,17 +254,20 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
     bound = -cheap_fn(adapted)
     search.objective = latency_objective(lambda m: 1.0 / probe(m), lambda m: -cheap_fn(m), bound)
     t = time.time()
-    result = search.run()
+    try:
+        best = search.run().best
+    except ClassAwareError:  # every candidate outside the bound
+        best = None
     search_seconds = time.time() - t
     rows = []
-    within = sum(c.score > float("-inf") for c in result.candidates)
-    if not within:  # no candidate as good for the important class: the search falls back to global ranking's model
+    within = sum(c.score > float("-inf") for c in search.candidates_)
+    if best is None:  # no candidate as good for the important class: the search falls back to global ranking's model
         log.info("%s seed %d %gx: no searched candidate within the FN bound %.3f", name, seed, level, bound)
         searched = copy.deepcopy(global_model)
     else:
         searched = copy.deepcopy(s["dense"])
         accumulate_gradients(searched, s["dl"]["calib"], p["calib_batches"])
-        prune_to_allocation(searched, s["example"], result.best.allocation,
+        prune_to_allocation(searched, s["example"], best.allocation,
                             importance=tp.importance.GroupTaylorImportance(), round_to=p["round_to"])
         searched.zero_grad(set_to_none=True)
     for method, model, seconds in (("search_latency", searched, search_seconds), ("tp_taylor", global_model,
@@ -276,8 +280,8 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
         rows.append({"suite": name, "model": s["cfg"]["model"]["name"], "level": level, "method": method,
                      "seed": seed, "reached": reached, **speed, **_test_metrics(s, model), "fn_bound": bound,
                      "search_seconds": round(seconds, 1),
-                     **({"within_bound": within, "candidates": len(result.candidates),
-                         "search_speedup": -1.0 / result.best.score if within else None}
+                     **({"within_bound": within, "candidates": len(search.candidates_),
+                         "search_speedup": -1.0 / best.score if best else None}
                         if method == "search_latency" else {})})
         log.info("%s seed %d %gx %s: onnxruntime speed-up %.2f (batch 64), %.2f (batch 1), FN at dense FPR %d",
                  name, seed, level, method, speed["speedup_b64"], speed["speedup_b1"], rows[-1]["fn_at_dense_fpr"])

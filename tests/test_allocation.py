@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from classaware_plugin.core import ClassAwareError
-from classaware_plugin.core.allocation import Unit, WidthSearch, accuracy_objective, important_class_auc_objective, important_class_objective
+from classaware_plugin.core.allocation import (Unit, WidthSearch, accuracy_objective, important_class_auc_objective,
+                                               important_class_objective, latency_objective)
 
 from .helpers import toy_loader
 
@@ -79,6 +80,20 @@ def test_an_unreachable_target_and_bad_settings_are_refused():
         WidthSearch([], Pruned, reduction, objective, None, target=2.0)
     with pytest.raises(ClassAwareError, match="'objective'"):
         WidthSearch(UNITS, Pruned, reduction, "accuracy", None, target=2.0)
+
+
+def test_the_latency_objective_keeps_the_fastest_candidate_within_the_fn_bound_and_refuses_when_none_is():
+    latency = lambda m: 1.0 / reduction(m)  # noqa: E731  (a candidate past the target runs faster)
+    fn_rate = lambda m: m.allocation["a"]  # noqa: E731  (the narrower unit 'a', the worse the important class)
+    result = WidthSearch(UNITS, Pruned, reduction, latency_objective(latency, fn_rate, 0.5), None, target=2.0,
+                         candidates=20, seed=0).run()
+    feasible = [c for c in result.candidates if c.allocation["a"] <= 0.5]
+    assert feasible and len(feasible) < 20  # the bound binds: some candidates are out, some in
+    assert result.best.allocation["a"] <= 0.5
+    assert result.best.score == max(-1.0 / c.reduction for c in feasible)
+    with pytest.raises(ClassAwareError, match="None of the 5 candidates met"):
+        WidthSearch(UNITS, Pruned, reduction, latency_objective(latency, fn_rate, 0.0), None, target=2.0,
+                    candidates=5, seed=0).run()
 
 
 def test_the_objectives_read_the_loader_they_are_given():

@@ -236,7 +236,9 @@ class WidthSearch:
         return candidate
 
     def run(self, on_candidate: Callable[[Candidate, WidthSearch], None] | None = None) -> SearchResult:
-        """Evaluate candidates until the budget of candidates (or of seconds) runs out; the best is kept."""
+        """Evaluate candidates until the budget of candidates (or of seconds) runs out; the best is kept. Raises
+        :class:`ClassAwareError` when every candidate scored minus infinity (none met a constrained objective's bound):
+        there is no best to return."""
         bar = progress_bar(range(len(self.candidates_), self.budget), desc="width search", total=self.budget,
                            initial=len(self.candidates_), disable=not self.progress)
         for _ in bar:
@@ -248,6 +250,11 @@ class WidthSearch:
         if not self.candidates_:
             raise ClassAwareError("The width search evaluated no candidate (a time budget of 0?).")
         best = max(self.candidates_, key=lambda c: c.score)
+        if best.score == float("-inf"):
+            raise ClassAwareError(
+                f"None of the {len(self.candidates_)} candidates met the objective's constraint (every score was "
+                "minus infinity: with latency_objective, no candidate's FN rate was within max_fn_rate): allow a higher "
+                "FN rate, aim at a smaller reduction, or evaluate more candidates.")
         log.info("width search: best of %d candidates scores %.4f at %.2fx", len(self.candidates_), best.score,
                  best.reduction)
         return SearchResult(copy.deepcopy(best), list(self.candidates_), self.elapsed_)
