@@ -292,3 +292,23 @@ def test_variance_split_tells_allocation_from_fine_tuning_noise():
     # an unfinished candidate (one repeat) is left out; the others are cut to the same number of repeats
     v = variance_split(decided + [{"candidate": 9, "repeat": 0, "fn": 0.0}], "fn")
     assert v["candidates"] == 8
+
+
+def test_allocation_summary_pairs_against_the_better_class_agnostic_method_and_the_accuracy_search():
+    from benchmarks.allocation import summarize as summarize_allocation, table
+
+    fn = {"search_classaware": [10, 12, 14], "search_accuracy": [13, 15, 20], "tp_taylor": [20, 21, 22],
+          "nni_l1": [15, 16, 17]}
+    rows = [{"suite": "x", "model": "m", "level": 3.0, "method": m, "seed": s, "reached": 3.1,
+             "fn_at_dense_fpr": v[s], "accuracy": 0.9, "auc": 0.95, "seconds": 10.0,
+             "search_seconds": 5.0 if m.startswith("search") else 0.0}
+            for m, v in fn.items() for s in range(3)]
+    dense = {("x", s): {"fn_at_dense_fpr": 10} for s in range(3)}
+    out = {r["method"]: r for r in summarize_allocation(rows, dense)}
+    a = out["search_classaware"]
+    assert a["excess_fn_mean"] == 2.0 and a["search_share"] == 0.5 and out["nni_l1"]["search_share"] == 0.0
+    assert a["paired"]["baseline"] == "nni_l1" and a["paired"]["mean_diff"] == -4.0  # NNI's excess 6 < TP's 11
+    assert a["paired"]["excess_ratio"] == 2.0 / 6.0 and a["paired"]["ci_low"] < -4.0 < a["paired"]["ci_high"]
+    assert a["vs_accuracy_search"]["mean_diff"] == -4.0 and "paired" not in out["nni_l1"]
+    assert "vs_accuracy_search" not in out["search_accuracy"]
+    assert "| x | 3x | search_classaware | 3 |" in table(list(out.values()))
