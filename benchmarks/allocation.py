@@ -37,7 +37,7 @@ import json
 import logging
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -56,7 +56,7 @@ from classaware_plugin.torch_pruning.allocation import prune_to_allocation, widt
 
 from .guarantee import config, prune_to, seed_setup
 from .methods import structured_steps
-from .summarize import paired_difference
+from .summarize import paired_difference, read_jsonl
 
 log = logging.getLogger("benchmarks")
 DATA = ("digits", "fashion", "mobilenet")  # guarantee.DATA names; mobilenet: MobileNetV2 0.5x on digits at 32x32
@@ -120,7 +120,8 @@ def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3
 
 
 def repeatability(name: str, seed: int = 0, candidates: int = 8, repeats: int = 4, level: float = 3.0,
-                  rows: list[dict[str, Any]] | None = None, on_row: Any = None) -> dict[str, Any]:
+                  rows: list[dict[str, Any]] | None = None,
+                  on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
     """How much of the fine-tuned important-class FN the allocation decides: ``candidates`` random allocations at
     ``level`` (drawn as the search draws them), each fine-tuned ``repeats`` times from the same pruned weights with
     different fine-tuning seeds (data order, augmentation). A one-way analysis of variance splits the spread of the
@@ -236,8 +237,9 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
     (GroupTaylor) prunes to the level; its important-class FN rate at the dense FPR after adaptive BN (on the
     selection split, the search's cheap measure) is the bound. The search then keeps, among candidates at the same
     MACs level within that bound, the one with the highest measured onnxruntime speed-up (batch 64, interleaved with
-    the dense model); where no candidate is within the bound it falls back to global ranking's model. Both are fine-tuned with the same budget; rows carry their onnxruntime speed-ups at batch 64
-    and 1 (re-measured, 30 repeats) and the test metrics."""
+    the dense model); where no candidate is within the bound it falls back to global ranking's model. Both are
+    fine-tuned with the same budget; rows carry their onnxruntime speed-ups at batch 64 and 1 (re-measured, 30
+    repeats) and the test metrics."""
     from classaware_plugin.core.allocation import latency_objective
     from classaware_plugin.speed import LatencyProbe, speedup
 
@@ -358,8 +360,8 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
                 ratio = (f"{np.mean(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f})"
                          if m == "search_latency" and ratios else "-")
                 lines.append(f"| {suite} | {level:g}x | {m} | {len(v)} | {np.mean([r['reached'] for r in v]):.2f} | "
-                             f"{np.mean([r['speedup_b64'] for r in v]):.2f} | {np.mean([r['speedup_b1'] for r in v]):.2f} "
-                             f"| {np.mean([r['fn_at_dense_fpr'] for r in v]):.1f} | "
+                             f"{np.mean([r['speedup_b64'] for r in v]):.2f} | "
+                             f"{np.mean([r['speedup_b1'] for r in v]):.2f} | {np.mean([r['fn_at_dense_fpr'] for r in v]):.1f} | "
                              f"{100 * np.mean([r['accuracy'] for r in v]):.1f}% | {ratio} | "
                              f"{sum(not r['within_bound'] for r in v) if m == 'search_latency' else '-'} |")
     return "\n".join(lines) + "\n"
@@ -407,7 +409,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
     if mode == "latency":
         path = out / "allocation" / "latency.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+        rows = read_jsonl(path)
         for name in names:
             for seed in seeds:
                 for level in levels:
@@ -421,7 +423,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
         return
     raw = out / "allocation" / "raw.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
+    rows = read_jsonl(raw)
     dense_path = out / "allocation" / "dense.json"
 
     def read_dense() -> dict[tuple[str, int], dict[str, float]]:  # every process's entries (they add their own)
@@ -451,7 +453,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                 with raw.open("a") as f:
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(raw)
     dense = read_dense()
     for key in sorted({(r["suite"], r["seed"]) for r in rows} - set(dense)):  # lost by an older concurrent writer
         s = _setup(*key)

@@ -49,6 +49,7 @@ from classaware_plugin.measure import count_params_macs
 
 from .harness import RESULTS
 from .methods import structured_steps
+from .summarize import read_jsonl
 
 log = logging.getLogger("benchmarks")
 CACHE = RESULTS / "cache" / "guarantee"
@@ -431,7 +432,7 @@ def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...], rules: tuple[
     ``guarantee/raw.jsonl``; then the summary of every row there."""
     raw = out / "guarantee" / "raw.jsonl"
     raw.parent.mkdir(parents=True, exist_ok=True)
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()] if raw.exists() else []
+    rows = read_jsonl(raw)
     done = {(r["data"], r["seed"], r["rule"]) for r in rows}
     for name in names:
         for seed in seeds:
@@ -448,4 +449,4 @@ def run(out: Path, names: tuple[str, ...], seeds: tuple[int, ...], rules: tuple[
                     f.write(json.dumps(row) + "\n")
                 rows.append(row)
     # the summary of everything in raw.jsonl (also rows another process appended)
-    write(out, [json.loads(line) for line in raw.read_text().splitlines() if line.strip()])
+    write(out, read_jsonl(raw))

@@ -30,7 +30,7 @@ from classaware_plugin.torch_pruning import ClassAwareImportance, accumulate_gra
 
 from .methods import CLASS_AWARE, NNI_METHODS, STRUCTURED, UNSTRUCTURED, Context
 from .suites import COMPARISONS, QUICK, SUITES, Suite
-from .summarize import DenseMismatchError
+from .summarize import DenseMismatchError, read_jsonl
 
 log = logging.getLogger("benchmarks")
 RESULTS = Path(__file__).parent / "results"
@@ -178,7 +178,7 @@ def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
     kept (cached dense models, pruned models in ``models/``), and rewrite raw.jsonl atomically. Do not run it while
     a suite is appending rows. Returns the number of rows completed."""
     raw = out / "raw.jsonl"
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(raw)
     data: dict[tuple[str, int], Any] = {}
     done = 0
     for r in progress_bar(rows, desc="rescore"):
@@ -233,7 +233,7 @@ def remeasure_latency(names: list[str] | None, out: Path = RESULTS) -> int:
     at a time, and rewrite raw.jsonl atomically. Meant to run alone on the machine: the rows measured during a
     suite shared the CPU with whatever else ran. Returns the number of rows re-measured."""
     raw = out / "raw.jsonl"
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(raw)
     done = 0
     for r in progress_bar(rows, desc="latency"):
         if names and r["suite"] not in names:

@@ -17,6 +17,12 @@ class DenseMismatchError(ValueError):
     """Rows of one suite and seed were measured on different dense models, so they cannot be paired."""
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The rows of a JSON-lines file (one JSON object per line, as the benchmarks append them); none if it is
+    missing."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
 def mean_std(values: list[Any]) -> tuple[float | None, float | None]:
     """Mean and (population) standard deviation of the values that are not None; (None, None) when there are none."""
     v = [float(x) for x in values if x is not None]
@@ -29,7 +35,7 @@ def summarize(out: Path) -> dict[str, Any] | None:
     raw = out / "raw.jsonl"
     if not raw.exists():
         return None
-    rows = [json.loads(line) for line in raw.read_text().splitlines() if line.strip()]
+    rows = read_jsonl(raw)
     # Several concurrent processes of one suite each write the dense row of a seed they share: keep one per key.
     rows = list({(r["suite"], r["method"], r["level"], r["seed"]): r for r in rows}.values())
     check_dense_ids(rows, raw)

@@ -253,8 +253,8 @@ class WidthSearch:
         if best.score == float("-inf"):
             raise ClassAwareError(
                 f"None of the {len(self.candidates_)} candidates met the objective's constraint (every score was "
-                "minus infinity: with latency_objective, no candidate's FN rate was within max_fn_rate): allow a higher "
-                "FN rate, aim at a smaller reduction, or evaluate more candidates.")
+                "minus infinity: with latency_objective, no candidate's FN rate was within max_fn_rate): allow a "
+                "higher FN rate, aim at a smaller reduction, or evaluate more candidates.")
         log.info("width search: best of %d candidates scores %.4f at %.2fx", len(self.candidates_), best.score,
                  best.reduction)
         return SearchResult(copy.deepcopy(best), list(self.candidates_), self.elapsed_)
