@@ -177,6 +177,42 @@ def variance_split(rows: list[dict[str, Any]], key: str) -> dict[str, float]:
             "icc": icc(f), "icc_low": icc(f_low), "icc_high": icc(f_high)}
 
 
+def repeatability_plot(done: dict[str, Any], path: Path) -> None:
+    """Per data set, the important class's fine-tuned test FN at the dense FPR of each candidate allocation (its
+    fine-tuning seeds as dots, their mean as a bar), candidates ordered by their mean: the spread within a candidate
+    against the spread between them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from classaware_plugin.export import atomic_write
+
+    names = [n for n, res in done.items() if "fn_at_dense_fpr" in res]
+    fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        res = done[name]
+        by = {}
+        for r in res["rows"]:
+            by.setdefault(r["candidate"], []).append(r["fn_at_dense_fpr"])
+        order = sorted(by, key=lambda k: np.mean(by[k]))
+        for x, k in enumerate(order):
+            ax.scatter([x] * len(by[k]), by[k], color="tab:blue", s=18, alpha=0.7,
+                       label="one fine-tuning" if x == 0 else None)
+            ax.hlines(np.mean(by[k]), x - 0.3, x + 0.3, color="k", label="mean of the candidate" if x == 0 else None)
+        v = res["fn_at_dense_fpr"]
+        ax.set_title(f"{name}: ICC {v['icc']:.2f} (95% CI {v['icc_low']:.2f}-{v['icc_high']:.2f})")
+        ax.set_xticks(range(len(order)), [f"{by_r:.2f}x" for by_r in
+                                          (next(r["reduction"] for r in res["rows"] if r["candidate"] == k)
+                                           for k in order)], fontsize=7)
+        ax.set_xlabel(f"candidate allocation at {res['level']:g}x (MACs reached)")
+        ax.set_ylabel("important class's test FN at the dense FPR")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------- comparison
 def _prune_search(s: dict[str, Any], level: float, objective_name: str) -> tuple[torch.nn.Module, float, dict]:
     objective = (important_class_objective(s["dl"]["val"], s["important"], {s["c"]: s["fpr"]})
@@ -405,6 +441,7 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
                              f"{scale * v['sd_between']:.3g} | {v['F']:.2f} ({v['p']:.3f}) | {v['icc']:.2f} "
                              f"({v['icc_low']:.2f}-{v['icc_high']:.2f}) | {np.sqrt(v['icc']):.2f} |")
         atomic_write_text(out / "allocation_repeatability.md", "\n".join(lines) + "\n")
+        repeatability_plot(done, out / "allocation_repeatability.png")
         return
     if mode == "latency":
         path = out / "allocation" / "latency.jsonl"
