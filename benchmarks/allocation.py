@@ -192,9 +192,10 @@ def repeatability_plot(done: dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(1, len(names), figsize=(5.5 * len(names), 3.8), squeeze=False)
     for ax, name in zip(axes[0], names):
         res = done[name]
-        by = {}
+        by: dict[int, list[float]] = {}
         for r in res["rows"]:
             by.setdefault(r["candidate"], []).append(r["fn_at_dense_fpr"])
+        reduction = {r["candidate"]: r["reduction"] for r in res["rows"]}
         order = sorted(by, key=lambda k: np.mean(by[k]))
         for x, k in enumerate(order):
             ax.scatter([x] * len(by[k]), by[k], color="tab:blue", s=18, alpha=0.7,
@@ -202,9 +203,7 @@ def repeatability_plot(done: dict[str, Any], path: Path) -> None:
             ax.hlines(np.mean(by[k]), x - 0.3, x + 0.3, color="k", label="mean of the candidate" if x == 0 else None)
         v = res["fn_at_dense_fpr"]
         ax.set_title(f"{name}: ICC {v['icc']:.2f} (95% CI {v['icc_low']:.2f}-{v['icc_high']:.2f})")
-        ax.set_xticks(range(len(order)), [f"{by_r:.2f}x" for by_r in
-                                          (next(r["reduction"] for r in res["rows"] if r["candidate"] == k)
-                                           for k in order)], fontsize=7)
+        ax.set_xticks(range(len(order)), [f"{reduction[k]:.2f}x" for k in order], fontsize=7)
         ax.set_xlabel(f"candidate allocation at {res['level']:g}x (MACs reached)")
         ax.set_ylabel("important class's test FN at the dense FPR")
     axes[0][0].legend(fontsize=8)
@@ -291,6 +290,7 @@ def latency_compare(name: str, seed: int, level: float) -> list[dict[str, Any]]:
     adapted = copy.deepcopy(global_model)
     search.adapt(adapted)
     bound = -cheap_fn(adapted)
+    # the objective needs the bound, the bound needs the search's own adaptive-BN batches: set it once both exist
     search.objective = latency_objective(lambda m: 1.0 / probe(m), lambda m: -cheap_fn(m), bound)
     t = time.time()
     try:
