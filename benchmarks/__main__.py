@@ -82,6 +82,10 @@ def main() -> None:
     al.add_argument("--data", nargs="*", choices=["digits", "fashion", "mobilenet"], metavar="DATA")
     al.add_argument("--seeds", type=int, nargs="*", help="compare: seeds (default 0-4)")
     al.add_argument("--levels", type=float, nargs="*", help="compare: MACs reductions (default 2 3 5)")
+    al.add_argument("--candidates", type=_positive_int, default=8, help="repeatability: allocations (default 8)")
+    al.add_argument("--repeats", type=_positive_int, default=4, help="repeatability: fine-tunings each (default 4)")
+    al.add_argument("--finetune-scale", type=float, default=1.0,
+                    help="repeatability: times the fine-tuning budget (default 1)")
     al.add_argument("--out", type=Path)
     al.add_argument("--threads", type=_positive_int, help="torch threads (default: torch's)")
     tp_ = sub.add_parser("throughput", help="samples/s of the statistics pass and fine-tuning with 1, 2, ... processes")
@@ -146,7 +150,8 @@ def _dispatch(args: argparse.Namespace) -> None:
         from .allocation import DATA as A_DATA, run as run_allocation
 
         seeds = tuple(args.seeds if args.seeds is not None else range(5))
-        run_allocation(args.mode, out, tuple(args.data or A_DATA), seeds, tuple(args.levels or (2.0, 3.0, 5.0)))
+        run_allocation(args.mode, out, tuple(args.data or A_DATA), seeds, tuple(args.levels or (2.0, 3.0, 5.0)),
+                       args.candidates, args.repeats, args.finetune_scale)
         return
     elif args.cmd == "jobtime":
         from .jobtime import BACKENDS, run as run_jobtime

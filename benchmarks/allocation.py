@@ -26,7 +26,8 @@ better of (c) and (d) with 95% intervals, (a) against (b) (the class-aware objec
 share of the wall time.
 
     python -m benchmarks allocation correlation [--data digits fashion] [--threads 1]
-    python -m benchmarks allocation repeatability [--data digits fashion] [--threads 1]
+    python -m benchmarks allocation repeatability [--data digits fashion] [--candidates 8 --repeats 4]
+        [--finetune-scale 1] [--threads 1]
     python -m benchmarks allocation compare [--data digits fashion mobilenet] [--seeds 0 1 2 3 4] [--levels 2 3 5]
     python -m benchmarks allocation latency --data fashion --seeds 0 1 2 --levels 3 --threads 1   # alone: it times
 """
@@ -76,9 +77,10 @@ def _setup(name: str, seed: int) -> dict[str, Any]:
             "job": job, "dense": dense, "fpr": fpr, "example": torch.zeros(2, *bundle.input_shape)}
 
 
-def _finetune(s: dict[str, Any], model: torch.nn.Module, level: float, key: int) -> None:
-    """The job's fine-tuning with the budget the iterative loop spends to reach ``level`` (BatchNorm re-estimated)."""
-    epochs = structured_steps(level) * s["cfg"]["pruning"]["finetune_epochs"]
+def _finetune(s: dict[str, Any], model: torch.nn.Module, level: float, key: int, scale: float = 1.0) -> None:
+    """The job's fine-tuning with the budget the iterative loop spends to reach ``level`` (times ``scale``; BatchNorm
+    re-estimated)."""
+    epochs = structured_steps(level) * s["cfg"]["pruning"]["finetune_epochs"] * scale
     job = Job(config(s["name"], s["seed"], [f"pruning.finetune_epochs={epochs}"]), s["job"].dir, progress=False)
     job.finetuner(s["dense"], s["bundle"], s["important"], s["dl"], lambda: key)(model)
 
@@ -121,13 +123,15 @@ def correlation(name: str, seed: int = 0, candidates: int = 32, level: float = 3
 
 def repeatability(name: str, seed: int = 0, candidates: int = 8, repeats: int = 4, level: float = 3.0,
                   rows: list[dict[str, Any]] | None = None,
-                  on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> dict[str, Any]:
+                  on_row: Callable[[list[dict[str, Any]]], None] | None = None,
+                  finetune_scale: float = 1.0) -> dict[str, Any]:
     """How much of the fine-tuned important-class FN the allocation decides: ``candidates`` random allocations at
     ``level`` (drawn as the search draws them), each fine-tuned ``repeats`` times from the same pruned weights with
     different fine-tuning seeds (data order, augmentation). A one-way analysis of variance splits the spread of the
     test FN into between allocations and within (fine-tuning noise). ICC(1) is the share of the variance that the
     allocation explains; ``sqrt(ICC)`` bounds the correlation any score of an allocation can have with one
-    fine-tuned outcome. ``rows`` (earlier rows of this data set) are kept and not recomputed."""
+    fine-tuned outcome. ``rows`` (earlier rows of this data set) are kept and not recomputed; ``finetune_scale``
+    multiplies the fine-tuning budget (does a longer fine-tuning leave the widths more say?)."""
     s = _setup(name, seed)
     search = width_search(s["dense"], s["example"], level, lambda m: 0.0, s["dl"]["train"], 50,
                           round_to=s["cfg"]["pruning"]["round_to"], candidates=candidates, mutation=0.0, seed=seed)
@@ -141,13 +145,13 @@ def repeatability(name: str, seed: int = 0, candidates: int = 8, repeats: int = 
             if any(x["candidate"] == k and x["repeat"] == r for x in rows):
                 continue
             model = copy.deepcopy(pruned)
-            _finetune(s, model, level, 7000 + 100 * k + r)
+            _finetune(s, model, level, 7000 + 100 * k + r, finetune_scale)
             rows.append({"candidate": k, "repeat": r, "reduction": reduction, **_test_metrics(s, model)})
             log.info("%s candidate %d repeat %d: %.2fx, fine-tuned FN %d, accuracy %.3f", name, k, r, reduction,
                      rows[-1]["fn_at_dense_fpr"], rows[-1]["accuracy"])
             if on_row is not None:
                 on_row(rows)
-    return {"data": name, "seed": seed, "level": level, "rows": rows,
+    return {"data": name, "seed": seed, "level": level, "finetune_scale": finetune_scale, "rows": rows,
             **{key: variance_split(rows, key) for key in REPEATABILITY_KEYS}}
 
 
@@ -403,7 +407,9 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], levels: tuple[float, ...]) -> None:
+def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], levels: tuple[float, ...],
+        candidates: int = 8, repeats: int = 4, finetune_scale: float = 1.0) -> None:
+    """One measurement (``mode``); ``candidates``, ``repeats`` and ``finetune_scale`` are ``repeatability``'s."""
     if mode == "correlation":
         path = out / "allocation_correlation.json"
         done = json.loads(path.read_text()) if path.exists() else {}
@@ -426,9 +432,11 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
             atomic_write_text(path, json.dumps(saved | {name: {"rows": rows}}, indent=1))
 
         for name in names:
-            res = repeatability(name, rows=done.get(name, {}).get("rows"), on_row=lambda rows, n=name: save(n, rows))
+            key = name if finetune_scale == 1 else f"{name}, fine-tuning x{finetune_scale:g}"
+            res = repeatability(name, rows=done.get(key, {}).get("rows"), on_row=lambda rows, k=key: save(k, rows),
+                                finetune_scale=finetune_scale, candidates=candidates, repeats=repeats)
             saved = json.loads(path.read_text()) if path.exists() else {}
-            atomic_write_text(path, json.dumps(saved | {name: res}, indent=1))
+            atomic_write_text(path, json.dumps(saved | {key: res}, indent=1))
         done = json.loads(path.read_text())
         lines = ["| data | fine-tuned result | candidates x repeats | SD within (fine-tuning) | SD between "
                  "(allocation) | F (p) | ICC (95% CI) | max correlation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
