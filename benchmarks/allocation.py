@@ -407,6 +407,13 @@ def latency_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _merge_json(path: Path, entries: dict[str, Any]) -> None:
+    """Add ``entries`` to the JSON object in ``path`` (written atomically), keeping the entries other processes wrote
+    there since: concurrent processes each add their own, none overwrites another's."""
+    saved = json.loads(path.read_text()) if path.exists() else {}
+    atomic_write_text(path, json.dumps(saved | entries, indent=1))
+
+
 def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], levels: tuple[float, ...],
         candidates: int = 8, repeats: int = 4, finetune_scale: float = 1.0) -> None:
     """One measurement (``mode``); ``candidates``, ``repeats`` and ``finetune_scale`` are ``repeatability``'s."""
@@ -427,16 +434,12 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
         path = out / "allocation_repeatability.json"
         done = json.loads(path.read_text()) if path.exists() else {}
 
-        def save(name: str, rows: list[dict[str, Any]]) -> None:
-            saved = json.loads(path.read_text()) if path.exists() else {}  # other processes' data sets kept
-            atomic_write_text(path, json.dumps(saved | {name: {"rows": rows}}, indent=1))
-
         for name in names:
             key = name if finetune_scale == 1 else f"{name}, fine-tuning x{finetune_scale:g}"
-            res = repeatability(name, rows=done.get(key, {}).get("rows"), on_row=lambda rows, k=key: save(k, rows),
+            res = repeatability(name, rows=done.get(key, {}).get("rows"),
+                                on_row=lambda rows, k=key: _merge_json(path, {k: {"rows": rows}}),
                                 finetune_scale=finetune_scale, candidates=candidates, repeats=repeats)
-            saved = json.loads(path.read_text()) if path.exists() else {}
-            atomic_write_text(path, json.dumps(saved | {key: res}, indent=1))
+            _merge_json(path, {key: res})
         done = json.loads(path.read_text())
         lines = ["| data | fine-tuned result | candidates x repeats | SD within (fine-tuning) | SD between "
                  "(allocation) | F (p) | ICC (95% CI) | max correlation |", "|---|---|---:|---:|---:|---:|---:|---:|"]
@@ -475,9 +478,8 @@ def run(mode: str, out: Path, names: tuple[str, ...], seeds: tuple[int, ...], le
         saved = json.loads(dense_path.read_text()) if dense_path.exists() else {}
         return {(k.split("|")[0], int(k.split("|")[1])): v for k, v in saved.items()}
 
-    def save_dense(key: tuple[str, int], value: dict[str, float]) -> None:  # merged, not overwritten
-        merged = read_dense() | {key: value}
-        atomic_write_text(dense_path, json.dumps({f"{k[0]}|{k[1]}": v for k, v in merged.items()}, indent=1))
+    def save_dense(key: tuple[str, int], value: dict[str, float]) -> None:
+        _merge_json(dense_path, {f"{key[0]}|{key[1]}": value})
 
     dense = read_dense()
     for name in names:

@@ -178,6 +178,8 @@ def rescore(names: list[str] | None, out: Path = RESULTS) -> int:
     kept (cached dense models, pruned models in ``models/``), and rewrite raw.jsonl atomically. Do not run it while
     a suite is appending rows. Returns the number of rows completed."""
     raw = out / "raw.jsonl"
+    if not raw.exists():
+        raise FileNotFoundError(f"No rows to rescore: {raw} does not exist (run the suites first).")
     rows = read_jsonl(raw)
     data: dict[tuple[str, int], Any] = {}
     done = 0
@@ -233,6 +235,8 @@ def remeasure_latency(names: list[str] | None, out: Path = RESULTS) -> int:
     at a time, and rewrite raw.jsonl atomically. Meant to run alone on the machine: the rows measured during a
     suite shared the CPU with whatever else ran. Returns the number of rows re-measured."""
     raw = out / "raw.jsonl"
+    if not raw.exists():
+        raise FileNotFoundError(f"No rows to re-measure: {raw} does not exist (run the suites first).")
     rows = read_jsonl(raw)
     done = 0
     for r in progress_bar(rows, desc="latency"):
